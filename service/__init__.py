@@ -1,0 +1,1 @@
+"""Online multi-interest recommendation service (no torch, no trainer imports)."""

@@ -1,0 +1,78 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from trainer.data import DataError, RawData
+from trainer.dataset import build_dataset
+from trainer.synthetic import make_synthetic
+
+
+def raw_from(rows):
+    df = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    return RawData("t", "test", df)
+
+
+def test_comirec_filtering_and_id_mapping():
+    rows = []
+    # 12 users with 6 interactions over items a..f (5+ each), plus a rare item "z".
+    for u in range(12):
+        for t, item in enumerate("fedcba"):
+            rows.append((f"u{u}", item, 100 - t))  # reverse time order in the file
+    rows.append(("u0", "z", 1))
+    rows.append(("lonely", "a", 1))  # user with 1 interaction is dropped
+    ds = build_dataset(raw_from(rows))
+    assert ds.n_items == 6 and "z" not in ds.item_ids
+    assert ds.item_ids[0] == "" and sorted(ds.item_ids[1:]) == list("abcdef")
+    assert "lonely" not in ds.user_ids
+    # Sequences follow timestamps, not file order.
+    seq = ds.item_ids[ds.sequence(0)].tolist()
+    assert seq == list("abcdef")
+
+
+def test_split_is_disjoint_80_10_10_and_seeded():
+    ds = build_dataset(make_synthetic(n_users=200, n_items=100, n_topics=5), split_seed=3)
+    parts = [ds.train_users, ds.valid_users, ds.test_users]
+    assert [len(p) for p in parts] == [160, 20, 20]
+    assert len(np.unique(np.concatenate(parts))) == ds.n_users
+    again = build_dataset(make_synthetic(n_users=200, n_items=100, n_topics=5), split_seed=3)
+    assert np.array_equal(again.test_users, ds.test_users)
+    other = build_dataset(make_synthetic(n_users=200, n_items=100, n_topics=5), split_seed=4)
+    assert not np.array_equal(other.test_users, ds.test_users)
+
+
+def test_train_examples_and_right_aligned_histories():
+    ds = build_dataset(make_synthetic(n_users=50, n_items=60, n_topics=6, min_len=8, max_len=8))
+    users, positions = ds.train_examples()
+    lengths = {u: len(ds.sequence(u)) for u in ds.train_users}
+    assert positions.min() == 4
+    assert len(users) == sum(n - 4 for n in lengths.values())
+    assert all(p < lengths[u] for u, p in zip(users, positions, strict=True))
+    hist = ds.histories(users[:1], np.array([5]), maxlen=7)[0]
+    seq = ds.sequence(users[0])
+    assert hist.tolist() == [0, 0] + seq[:5].tolist()
+
+
+def test_eval_split_uses_first_80_percent_as_history():
+    ds = build_dataset(make_synthetic(n_users=50, n_items=60, n_topics=6, min_len=10, max_len=10))
+    split = ds.eval_split("test", maxlen=5)
+    u = split.users[0]
+    seq = ds.sequence(u).tolist()
+    cut = int(len(seq) * 0.8)
+    expected = seq[:cut][-5:]
+    assert split.histories[0].tolist() == [0] * (5 - len(expected)) + expected
+    assert split.targets[0].tolist() == list(dict.fromkeys(seq[cut:]))
+
+
+def test_too_few_users_after_filtering_is_an_error():
+    with pytest.raises(DataError, match="users left"):
+        build_dataset(raw_from([("u", "a", 1)] * 5))
+
+
+def test_synthetic_users_stay_within_their_planted_topics():
+    raw = make_synthetic(n_users=100, n_items=400, n_topics=20, interests_per_user=4, seed=1)
+    topic = raw.items.set_index("item_id")["categories"]
+    per_user = raw.interactions.assign(topic=raw.interactions["item_id"].map(topic))
+    counts = per_user.groupby("user_id")["topic"].nunique()
+    assert counts.max() <= 4 and counts.mean() > 3
+    again = make_synthetic(n_users=100, n_items=400, n_topics=20, interests_per_user=4, seed=1)
+    assert again.fingerprint() == raw.fingerprint()

@@ -1,0 +1,78 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.config import BACKBONES, TrainConfig
+from trainer.nets import Negatives, build_encoder
+from trainer.train import LogUniformSampler
+
+
+def make(backbone, n_items=30, k=3, d=8, maxlen=6):
+    torch.manual_seed(0)
+    return build_encoder(n_items, TrainConfig(backbone=backbone, interests=k, dim=d, maxlen=maxlen))
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_shapes_padding_and_gradients(backbone):
+    model = make(backbone)
+    ids = torch.tensor([[0, 0, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
+    enc = model.encode(ids)
+    assert enc.interests.shape == (3, 3, 8) and enc.weights.shape == (3, 3, 6)
+    assert torch.isfinite(enc.interests).all()
+    # Padded positions feed no interest.
+    assert torch.all(enc.weights[0, :, :2] == 0)
+    loss = model.loss(ids[[0, 2]], torch.tensor([7, 8]))
+    loss.backward()
+    assert torch.isfinite(loss) and model.item_embedding.weight.grad[7].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_padding_values_do_not_leak(backbone):
+    """The same items with a different amount of left padding give the same interests
+    when positions are aligned on the right (most recent last)."""
+    model = make(backbone).eval()
+    a = model(torch.tensor([[0, 0, 0, 3, 4, 5]]))
+    model.item_embedding.weight.data[0] = 5.0  # would leak if padding were not masked
+    b = model(torch.tensor([[0, 0, 0, 3, 4, 5]]))
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_full_softmax_loss_uses_hard_argmax_readout():
+    model = make("comirec-sa").eval()
+    ids, targets = torch.tensor([[0, 1, 2, 3, 4, 5]]), torch.tensor([9])
+    interests = model(ids)[0]
+    target_vec = model.item_embedding.weight[9]
+    best = int((interests @ target_vec).argmax())
+    logits = interests[best] @ model.item_embedding.weight[1:].T
+    expected = F.cross_entropy(logits[None], targets - 1)
+    assert torch.allclose(model.loss(ids, targets), expected)
+
+
+def test_sampled_softmax_applies_logq_and_masks_accidental_hits():
+    model = make("comirec-sa").eval()
+    ids, targets = torch.tensor([[0, 1, 2, 3, 4, 5]]), torch.tensor([9])
+    negatives = Negatives(ids=torch.tensor([9, 11, 12]), log_q=torch.tensor([-1.0, -2.0, -3.0]),
+                          target_log_q=torch.tensor([-1.0]))
+    interests = model(ids)[0]
+    emb = model.item_embedding.weight
+    user = interests[int((interests @ emb[9]).argmax())]
+    pos = user @ emb[9] + 1.0
+    neg = torch.stack([user @ emb[11] + 2.0, user @ emb[12] + 3.0])  # 9 is masked out
+    expected = -pos + torch.logsumexp(torch.cat([pos[None], neg]), 0)
+    assert torch.allclose(model.loss(ids, targets, negatives), expected, atol=1e-6)
+
+
+def test_log_uniform_sampler_follows_popularity_ranks():
+    popularity = np.array([0, 5, 100, 1, 50])  # ranks: item 2, 4, 1, 3
+    sampler = LogUniformSampler(popularity)
+    q = sampler.log_q[1:].exp()
+    assert q.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert q[1] > q[3] > q[0] > q[2]  # items 2 > 4 > 1 > 3
+    assert q[1].item() == pytest.approx(math.log(2) / math.log(5), rel=1e-6)
+    sample = sampler.sample(20000, torch.tensor([2]), torch.Generator().manual_seed(0))
+    freq = torch.bincount(sample.ids, minlength=5)[1:].double() / 20000
+    assert torch.allclose(freq, q.double(), atol=0.02)
+    assert sample.target_log_q.item() == pytest.approx(sampler.log_q[2].item())

@@ -1,0 +1,1 @@
+"""Offline trainer: data, IBIM encoders, evaluation and the command line."""

@@ -1,0 +1,164 @@
+"""ComiRec preprocessing, id mapping, user split and batch construction.
+
+Internal item ids are 1..N (0 = padding). A history row is right-aligned: most recent item in
+the last column, zeros on the left; that is also the encoder's ONNX input layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from trainer.data import DataError, RawData
+
+MIN_TARGET_POSITION = 4  # ComiRec: a training target has at least 4 items before it
+EVAL_HISTORY_SHARE = 0.8  # valid/test users: first 80% is history, the rest are targets
+
+
+@dataclass
+class EvalSplit:
+    histories: np.ndarray  # int64 [users, maxlen], right-aligned
+    targets: list[np.ndarray]  # unique internal ids per user, in order of first interaction
+    users: np.ndarray  # user indices into SequenceDataset.user_ids
+
+
+@dataclass
+class SequenceDataset:
+    name: str
+    source: str
+    fingerprint: str
+    item_ids: np.ndarray  # external id (str) of internal id i at position i; [0] = padding
+    titles: np.ndarray
+    categories: np.ndarray
+    years: np.ndarray
+    user_ids: np.ndarray  # external user id of user index u
+    flat: np.ndarray  # all sequences concatenated, internal ids
+    offsets: np.ndarray  # sequence u is flat[offsets[u]:offsets[u + 1]]
+    train_users: np.ndarray
+    valid_users: np.ndarray
+    test_users: np.ndarray
+    split_seed: int
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids) - 1
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    def sequence(self, user: int) -> np.ndarray:
+        return self.flat[self.offsets[user] : self.offsets[user + 1]]
+
+    def popularity(self) -> np.ndarray:
+        """Interaction counts per internal id over training users (index 0 = padding = 0)."""
+        lengths = np.diff(self.offsets)
+        is_train = np.zeros(self.n_users, dtype=bool)
+        is_train[self.train_users] = True
+        items = self.flat[np.repeat(is_train, lengths)]
+        return np.bincount(items, minlength=self.n_items + 1).astype(np.int64)
+
+    def train_examples(self) -> tuple[np.ndarray, np.ndarray]:
+        """All (user, target position) pairs of training users with position >= 4."""
+        lengths = self.offsets[self.train_users + 1] - self.offsets[self.train_users]
+        n_targets = np.maximum(lengths - MIN_TARGET_POSITION, 0)
+        users = np.repeat(self.train_users, n_targets)
+        first = np.repeat(np.cumsum(n_targets) - n_targets, n_targets)
+        positions = np.arange(int(n_targets.sum())) - first + MIN_TARGET_POSITION
+        return users, positions
+
+    def histories(self, users: np.ndarray, ends: np.ndarray, maxlen: int) -> np.ndarray:
+        """Right-aligned histories: items [end - maxlen, end) of each user's sequence."""
+        starts = self.offsets[users]
+        stop = starts + ends
+        index = stop[:, None] - maxlen + np.arange(maxlen)[None, :]
+        valid = index >= starts[:, None]
+        out = np.where(valid, self.flat[np.clip(index, 0, None)], 0)
+        return out.astype(np.int64)
+
+    def eval_split(self, which: str, maxlen: int) -> EvalSplit:
+        users = {"valid": self.valid_users, "test": self.test_users}[which]
+        lengths = self.offsets[users + 1] - self.offsets[users]
+        cut = (lengths * EVAL_HISTORY_SHARE).astype(np.int64)
+        targets = []
+        for u, c in zip(users, cut, strict=True):
+            rest = self.sequence(u)[c:]
+            targets.append(pd.unique(rest))
+        return EvalSplit(self.histories(users, cut, maxlen), targets, users)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "users": self.n_users,
+            "items": self.n_items,
+            "interactions": int(len(self.flat)),
+            "train_users": int(len(self.train_users)),
+            "valid_users": int(len(self.valid_users)),
+            "test_users": int(len(self.test_users)),
+            "split_seed": self.split_seed,
+        }
+
+
+def build_dataset(
+    raw: RawData, *, min_item_count: int = 5, min_user_count: int = 5, split_seed: int = 0
+) -> SequenceDataset:
+    """ComiRec filtering (items >= 5, then users >= 5), id mapping, 80/10/10 user split."""
+    df = raw.interactions
+    item_counts = df["item_id"].value_counts()
+    df = df[df["item_id"].isin(item_counts.index[item_counts >= min_item_count])]
+    user_counts = df["user_id"].value_counts()
+    df = df[df["user_id"].isin(user_counts.index[user_counts >= min_user_count])]
+    if df["user_id"].nunique() < 10:
+        raise DataError(
+            f"{raw.source}: only {df['user_id'].nunique()} users left after keeping items with "
+            f">= {min_item_count} and users with >= {min_user_count} interactions; need >= 10"
+        )
+    # Stable sort keeps file order between equal timestamps.
+    df = df.sort_values(["user_id", "timestamp"], kind="stable")
+
+    item_ext = np.array(sorted(df["item_id"].unique(), key=_natural_key), dtype=object)
+    item_index = pd.Index(item_ext)
+    internal = item_index.get_indexer(df["item_id"]) + 1
+
+    user_codes, user_ext = pd.factorize(df["user_id"], sort=False)
+    lengths = np.bincount(user_codes)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+    titles = np.full(len(item_ext) + 1, "", dtype=object)
+    categories = np.full(len(item_ext) + 1, "", dtype=object)
+    years = np.full(len(item_ext) + 1, np.nan)
+    if raw.items is not None:
+        meta = raw.items.set_index("item_id").reindex(item_ext)
+        titles[1:] = meta["title"].fillna("").to_numpy(dtype=object)
+        categories[1:] = meta["categories"].fillna("").to_numpy(dtype=object)
+        years[1:] = meta["year"].to_numpy(dtype=float)
+
+    rng = np.random.default_rng(split_seed)
+    order = rng.permutation(len(user_ext))
+    n_train = int(round(0.8 * len(order)))
+    n_valid = int(round(0.1 * len(order)))
+    return SequenceDataset(
+        name=raw.name,
+        source=raw.source,
+        fingerprint=raw.fingerprint(),
+        item_ids=np.concatenate([[""], item_ext]).astype(object),
+        titles=titles,
+        categories=categories,
+        years=years,
+        user_ids=np.asarray(user_ext, dtype=object),
+        flat=internal.astype(np.int64),
+        offsets=offsets,
+        train_users=np.sort(order[:n_train]),
+        valid_users=np.sort(order[n_train : n_train + n_valid]),
+        test_users=np.sort(order[n_train + n_valid :]),
+        split_seed=split_seed,
+    )
+
+
+def _natural_key(value: str) -> tuple[int, int | str]:
+    # Numeric ids sort numerically, so internal ids follow the external order users expect.
+    return (0, int(value)) if value.isdigit() else (1, value)

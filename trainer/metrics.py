@@ -1,0 +1,39 @@
+"""Top-N metrics (DESIGN 6): Recall, NDCG (IDCG over min(|targets|, N)) and HitRate."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+CUTOFFS = (20, 50)
+
+
+def user_metrics(ranked: np.ndarray, targets: np.ndarray, n: int) -> tuple[float, float, float]:
+    """(recall, ndcg, hit) of one user's ranked list against its set of target items."""
+    target_set = set(np.asarray(targets).tolist())
+    if not target_set:
+        raise ValueError("a user needs at least one target")
+    top = np.asarray(ranked)[:n].tolist()
+    gains = np.array([1.0 if item in target_set else 0.0 for item in top])
+    hits = gains.sum()
+    discounts = 1.0 / np.log2(np.arange(2, n + 2))
+    dcg = float((gains * discounts[: len(gains)]).sum())
+    idcg = float(discounts[: min(len(target_set), n)].sum())
+    return hits / len(target_set), dcg / idcg, float(hits > 0)
+
+
+def aggregate(
+    ranked_lists: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    cutoffs: Sequence[int] = CUTOFFS,
+) -> dict[str, float]:
+    """Mean of each metric over users, keyed like 'recall@50'."""
+    if len(ranked_lists) != len(targets):
+        raise ValueError("one ranked list per user")
+    out: dict[str, float] = {}
+    for n in cutoffs:
+        rows = np.array([user_metrics(r, t, n) for r, t in zip(ranked_lists, targets, strict=True)])
+        for name, col in zip(("recall", "ndcg", "hitrate"), rows.T, strict=True):
+            out[f"{name}@{n}"] = float(col.mean())
+    return out
