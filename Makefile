@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# pytest's exit code 5 (no tests collected) must fail, never pass.
+MODELS_DIR ?= models
+MODEL_NAME ?= recommender
+PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install install-serve test lint demo train benchmark clean
+.PHONY: install install-serve redis-server test lint demo train serve benchmark clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,16 +22,32 @@ install: $(PY)
 install-serve: $(PY)
 	$(PIP) install --quiet -e .
 
-test: install
+# The tests start their own throwaway Redis servers from Debian's redis-server.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (Debian package) for the tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; }
+
+# pytest's exit code 5 (no tests collected) fails the target, as any non-zero code does.
+test: install redis-server
 	$(PY) -m ruff check trainer service tests benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check trainer service tests benchmarks
 
-# The main job on a fresh machine: install, train on the embedded dataset, print metrics.
-demo: install
-	$(PY) -m trainer train --dataset movielens-small --backbone comirec-sa --seed 0 --out runs/demo
+# Train on the embedded MovieLens and publish a bundle, unless one exists already.
+train: install
+	$(PY) -m trainer train --dataset movielens-small --backbone comirec-sa --seed 0 \
+	  --out $(MODELS_DIR) --name $(MODEL_NAME) --if-missing
+
+# Serve the newest bundle. Without REDIS_URL histories live in the process (single process).
+serve:
+	@echo 'try: curl -s -X POST localhost:$(PORT)/recommend -H "content-type: application/json" -d '"'"'{"user_id": "alice", "history": ["1", "260", "1196"], "k": 10}'"'"
+	MODELS_DIR=$(MODELS_DIR) MODEL_NAME=$(MODEL_NAME) PORT=$(PORT) $(PY) -m service
+
+# The main job on a fresh machine: install, train if no bundle exists, serve.
+demo: train serve
 
 benchmark: install
 	$(PY) benchmarks/backbones.py --seeds 5 --out benchmarks/results

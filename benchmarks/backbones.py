@@ -23,7 +23,8 @@ BACKBONES = ("comirec-sa", "comirec-dr", "mind")
 def run_one(backbone: str, seed: int, extra: list[str], workdir: Path) -> dict:
     out = workdir / f"{backbone}-{seed}"
     cmd = [sys.executable, "-m", "trainer", "train", "--dataset", "movielens-small",
-           "--backbone", backbone, "--seed", str(seed), "--no-progress", "--out", str(out), *extra]
+           "--backbone", backbone, "--seed", str(seed), "--no-progress", "--run-dir", str(out),
+           *extra]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -14,12 +14,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from service.bundle import (
+    DEFAULT_MODEL_NAME,
+    BundleError,
+    latest_version,
+    load_bundle,
+    read_manifest,
+)
 from trainer.config import BACKBONES, LOSSES, TrainConfig
 from trainer.data import FORMATS, DataError, RawData, load_movielens_small, load_path
 from trainer.dataset import SequenceDataset, build_dataset
-from trainer.evaluate import most_popular
+from trainer.evaluate import evaluate_encoder, most_popular
+from trainer.export import INDEX_KINDS, ExportError, publish_bundle
 from trainer.nets import build_encoder
 from trainer.synthetic import make_synthetic
 from trainer.train import evaluate_model, train
@@ -35,7 +44,9 @@ CHECKPOINT_FORMAT = 1
 
 def data_spec(args: argparse.Namespace) -> dict[str, Any]:
     if args.data:
-        return {"data": str(args.data), "items": str(args.items) if args.items else None,
+        # Absolute, so that `evaluate` works from any directory.
+        return {"data": str(args.data.resolve()),
+                "items": str(args.items.resolve()) if args.items else None,
                 "format": args.format}
     if args.dataset == "synthetic":
         return {"synthetic": parse_synthetic(args.synthetic)}
@@ -76,6 +87,14 @@ def peak_rss_mb() -> float:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    if args.if_missing:
+        if not args.out:
+            raise DataError("--if-missing needs --out (the model store to look in)")
+        existing = latest_version(Path(args.out) / args.name)
+        if existing is not None:
+            path = Path(args.out) / args.name / str(existing)
+            log.info("a bundle exists (%s); not training (--if-missing)", path)
+            return {"skipped": True, "bundle": str(path)}
     cfg = TrainConfig(
         backbone=args.backbone, interests=args.interests, dim=args.dim, maxlen=args.maxlen,
         lr=args.lr, batch_size=args.batch_size, loss=args.loss, max_epochs=args.epochs,
@@ -104,18 +123,23 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         },
         "config": cfg.to_dict(),
     }
-    out = Path(args.out) if args.out else Path("runs") / (
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
         f"{dataset.name}-{cfg.backbone}-k{cfg.interests}-seed{cfg.seed}")
-    out.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     torch.save(
         {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "data_spec": spec,
          "dataset": dataset.describe(), "state_dict": result.model.state_dict()},
-        out / "checkpoint.pt",
+        run_dir / "checkpoint.pt",
     )
-    (out / "curve.json").write_text(json.dumps(result.curve, indent=1))
-    report["run_dir"] = str(out)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    log.info("wrote %s", out)
+    (run_dir / "curve.json").write_text(json.dumps(result.curve, indent=1))
+    report["run_dir"] = str(run_dir)
+    if args.out:
+        bundle = publish_bundle(
+            result.model, dataset, cfg, spec, bundle_metrics(report), Path(args.out),
+            args.name, args.index, progress=not args.no_progress)
+        report["bundle"] = str(bundle)
+    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    log.info("wrote %s", run_dir)
     return report
 
 
@@ -131,18 +155,62 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], SequenceDataset, torch.
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: not a trainer checkpoint (format {CHECKPOINT_FORMAT})")
     cfg = TrainConfig.from_dict(ckpt["config"])
-    dataset = build_dataset(load_spec(ckpt["data_spec"]), min_item_count=cfg.min_item_count,
-                            min_user_count=cfg.min_user_count, split_seed=cfg.split_seed)
-    if dataset.fingerprint != ckpt["dataset"]["fingerprint"]:
-        raise DataError(f"{path}: the data changed since training (fingerprint "
-                        f"{dataset.fingerprint} != {ckpt['dataset']['fingerprint']})")
+    dataset = dataset_for(ckpt["data_spec"], cfg, ckpt["dataset"]["fingerprint"], path)
     model = build_encoder(dataset.n_items, cfg)
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return ckpt, dataset, model
 
 
+def bundle_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    return {key: report[key] for key in ("test", "valid", "mostpop") if key in report}
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    ckpt, dataset, model = load_checkpoint(Path(args.checkpoint))
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    test = dataset.eval_split("test", cfg.maxlen)
+    metrics = {"test": evaluate_model(model, test), "mostpop": most_popular(dataset, test)}
+    path = publish_bundle(model, dataset, cfg, ckpt["data_spec"], metrics, Path(args.out),
+                          args.name, args.index, progress=not args.no_progress)
+    manifest = read_manifest(path)
+    return {"bundle": str(path), "version": manifest.version, "index": manifest.index.model_dump(),
+            "parity_max_abs_diff": manifest.extra["parity_max_abs_diff"], **metrics}
+
+
+def dataset_for(spec: dict[str, Any], cfg: TrainConfig, fingerprint: str,
+                where: Path) -> SequenceDataset:
+    """Rebuild the dataset a model was trained on; refuse if the data changed since."""
+    dataset = build_dataset(load_spec(spec), min_item_count=cfg.min_item_count,
+                            min_user_count=cfg.min_user_count, split_seed=cfg.split_seed)
+    if dataset.fingerprint != fingerprint:
+        raise DataError(f"{where}: the data changed since training (fingerprint "
+                        f"{dataset.fingerprint} != {fingerprint})")
+    return dataset
+
+
+def evaluate_bundle(path: Path, which: str) -> dict[str, Any]:
+    """Evaluate a published bundle with onnxruntime + its FAISS index only (no torch)."""
+    bundle = load_bundle(path)
+    m = bundle.manifest
+    cfg = TrainConfig.from_dict(m.config)
+    dataset = dataset_for(m.data_spec, cfg, m.dataset["fingerprint"], path)
+    if not np.array_equal(dataset.item_ids[1:].astype(str), bundle.item_ids.astype(str)):
+        raise DataError(f"{path}: the bundle's item id map does not match the dataset")
+    split = dataset.eval_split(which, m.maxlen)
+    return {
+        "bundle": str(path), "version": m.version, "dataset": dataset.describe(),
+        "backbone": m.backbone, "interests": m.interests, "split": which,
+        which: evaluate_encoder(bundle.encode, bundle.search, split),
+        "mostpop": most_popular(dataset, split),
+    }
+
+
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    if (args.checkpoint is None) == (args.bundle is None):
+        raise DataError("evaluate: give a CHECKPOINT or --bundle DIR (one of them)")
+    if args.bundle is not None:
+        return evaluate_bundle(Path(args.bundle), args.split)
     ckpt, dataset, model = load_checkpoint(Path(args.checkpoint))
     cfg = TrainConfig.from_dict(ckpt["config"])
     split = dataset.eval_split(args.split, cfg.maxlen)
@@ -155,6 +223,14 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         args.split: evaluate_model(model, split),
         "mostpop": most_popular(dataset, split),
     }
+
+
+def add_publish_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--out", type=Path, default=Path("models") if required else None,
+                        help="model store to publish a bundle into (models/<name>/<version>)")
+    parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help="model name in the store")
+    parser.add_argument("--index", choices=INDEX_KINDS, default="auto",
+                        help="FAISS index kind (auto: exact up to 100k items, IVF above)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,12 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=defaults.seed)
     t.add_argument("--split-seed", type=int, default=defaults.split_seed)
     t.add_argument("--threads", type=int, default=defaults.threads)
-    t.add_argument("--out", type=Path, help="run directory (default runs/<dataset>-<backbone>-..)")
+    t.add_argument("--run-dir", type=Path,
+                   help="checkpoint + metrics directory (default runs/<dataset>-<backbone>-..)")
+    add_publish_options(t, required=False)
+    t.add_argument("--if-missing", action="store_true",
+                   help="do nothing if --out already holds a bundle of --name")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="re-evaluate a saved checkpoint")
-    e.add_argument("checkpoint", type=Path, help="checkpoint.pt of a run")
+    x = sub.add_parser("export", help="publish a saved checkpoint as a model bundle")
+    x.add_argument("checkpoint", type=Path, help="checkpoint.pt of a run")
+    add_publish_options(x, required=True)
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
+    x.set_defaults(func=cmd_export)
+
+    e = sub.add_parser("evaluate", help="re-evaluate a saved checkpoint or a published bundle")
+    e.add_argument("checkpoint", type=Path, nargs="?", help="checkpoint.pt of a run")
+    e.add_argument("--bundle", type=Path, help="a bundle directory models/<name>/<version>")
     e.add_argument("--split", choices=("valid", "test"), default="test")
     e.set_defaults(func=cmd_evaluate)
     return parser
@@ -203,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = args.func(args)
-    except (DataError, ValueError) as exc:
+    except (DataError, BundleError, ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, separators=(",", ":")))

@@ -13,17 +13,21 @@ from trainer.metrics import CUTOFFS, aggregate
 
 # Maps right-aligned histories [U, L] to interests [U, K, d] (a torch model or an ONNX session).
 Encoder = Callable[[np.ndarray], np.ndarray]
+# Maps query vectors [Q, d] and n to (scores, rows) [Q, n]; row i is internal id i + 1.
+Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
-def retrieve(interests: np.ndarray, item_vectors: np.ndarray, n: int) -> list[np.ndarray]:
-    """Top-n internal item ids per user: exact inner-product search for each interest, merged.
-
-    item_vectors row i is internal id i + 1.
-    """
-    users, k, d = interests.shape
-    index = faiss.IndexFlatIP(d)
+def exact_search(item_vectors: np.ndarray) -> Search:
+    """Exact inner-product search over all items (FAISS IndexFlatIP)."""
+    index = faiss.IndexFlatIP(item_vectors.shape[1])
     index.add(np.ascontiguousarray(item_vectors, dtype=np.float32))
-    scores, rows = index.search(np.ascontiguousarray(interests.reshape(-1, d), np.float32), n)
+    return lambda queries, n: index.search(np.ascontiguousarray(queries, np.float32), n)
+
+
+def retrieve(interests: np.ndarray, search: Search, n: int) -> list[np.ndarray]:
+    """Top-n internal item ids per user: top-n per interest, merged by score."""
+    users, k, d = interests.shape
+    scores, rows = search(interests.reshape(-1, d), n)
     scores, rows = scores.reshape(users, k, n), rows.reshape(users, k, n)
     ranked = []
     for u in range(users):
@@ -32,13 +36,14 @@ def retrieve(interests: np.ndarray, item_vectors: np.ndarray, n: int) -> list[np
     return ranked
 
 
-def evaluate_encoder(
-    encode: Encoder, item_vectors: np.ndarray, split: EvalSplit, batch_size: int = 1024
-) -> dict[str, float]:
-    parts = [encode(split.histories[i : i + batch_size])
-             for i in range(0, len(split.histories), batch_size)]
-    interests = np.concatenate(parts) if parts else np.zeros((0, 1, item_vectors.shape[1]))
-    return aggregate(retrieve(interests, item_vectors, max(CUTOFFS)), split.targets)
+def encode_all(encode: Encoder, histories: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    return np.concatenate([encode(histories[i : i + batch_size])
+                           for i in range(0, len(histories), batch_size)])
+
+
+def evaluate_encoder(encode: Encoder, search: Search, split: EvalSplit) -> dict[str, float]:
+    interests = encode_all(encode, split.histories)
+    return aggregate(retrieve(interests, search, max(CUTOFFS)), split.targets)
 
 
 def most_popular(dataset: SequenceDataset, split: EvalSplit) -> dict[str, float]:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from trainer.config import FULL_SOFTMAX_MAX_ITEMS, TrainConfig
 from trainer.dataset import EvalSplit, SequenceDataset
-from trainer.evaluate import evaluate_encoder
+from trainer.evaluate import evaluate_encoder, exact_search
 from trainer.nets import MultiInterestEncoder, Negatives, build_encoder
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def evaluate_model(model: MultiInterestEncoder, split: EvalSplit) -> dict[str, f
     model.eval()
     with torch.no_grad():
         items = model.item_vectors().numpy()
-    return evaluate_encoder(encode_numpy(model), items, split)
+    return evaluate_encoder(encode_numpy(model), exact_search(items), split)
 
 
 def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True) -> TrainResult:

@@ -20,7 +20,8 @@ def run(*args, cwd):
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     proc = run("train", "--dataset", "synthetic", "--synthetic", SYNTH, "--epochs", "2",
-               "--eval-every", "5", "--dim", "16", "--no-progress", "--out", str(out), cwd=out)
+               "--eval-every", "5", "--dim", "16", "--no-progress", "--run-dir", str(out),
+               "--out", str(out / "models"), cwd=out)
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -50,7 +51,7 @@ def test_train_on_a_users_own_csv(tmp_path):
     raw.items.to_csv(tmp_path / "items.csv", index=False)
     proc = run("train", "--data", "events.csv", "--items", "items.csv", "--epochs", "1",
                "--backbone", "mind", "--interests", "2", "--dim", "8", "--no-progress",
-               "--out", "run", cwd=tmp_path)
+               "--run-dir", "run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["dataset"]["name"] == "events" and report["backbone"] == "mind"
@@ -68,3 +69,33 @@ def test_evaluate_refuses_a_damaged_checkpoint(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     proc = run("evaluate", "checkpoint.pt", cwd=tmp_path)
     assert proc.returncode == 2 and "checkpoint.pt: not a readable checkpoint" in proc.stderr
+
+
+def test_train_publishes_a_bundle_that_evaluates_to_the_same_metrics(trained):
+    out, proc = trained
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["bundle"] == str(out / "models" / "recommender" / "1")
+    again = run("evaluate", "--bundle", report["bundle"], cwd=out)
+    assert again.returncode == 0, again.stderr
+    bundle_metrics = json.loads(again.stdout.strip().splitlines()[-1])["test"]
+    for key, value in report["test"].items():
+        assert abs(bundle_metrics[key] - value) <= 1e-3, key
+
+
+def test_export_publishes_a_checkpoint_as_the_next_version(trained, tmp_path):
+    out, _ = trained
+    proc = run("export", str(out / "checkpoint.pt"), "--out", str(tmp_path / "store"),
+               "--name", "mine", "--no-progress", cwd=out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["bundle"] == str(tmp_path / "store" / "mine" / "1")
+    assert report["parity_max_abs_diff"] <= 1e-4 and report["index"]["kind"] == "flat"
+
+
+def test_if_missing_skips_training_when_a_bundle_exists(trained):
+    out, _ = trained
+    proc = run("train", "--dataset", "synthetic", "--synthetic", SYNTH, "--out",
+               str(out / "models"), "--if-missing", "--no-progress", cwd=out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"skipped": True, "bundle": str(out / "models" / "recommender" / "1")}

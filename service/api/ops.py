@@ -1,0 +1,51 @@
+"""Health, readiness, metrics and the served model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response, status
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import ServedModel, State, require_api_key
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: State) -> JSONResponse:
+    model = state.models.current
+    store_ok = await state.store.ping()
+    checks = {"model": model is not None, "store": store_ok}
+    body: dict[str, Any] = {"ready": all(checks.values()), "checks": checks,
+                            "store": state.store.kind,
+                            "model_version": model.version if model else None}
+    code = status.HTTP_200_OK if body["ready"] else status.HTTP_503_SERVICE_UNAVAILABLE
+    return JSONResponse(body, status_code=code)
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/model", dependencies=[Depends(require_api_key)])
+async def model_info(state: State, model: ServedModel) -> dict[str, Any]:
+    return {"path": str(model.bundle.path), "manifest": model.bundle.manifest.model_dump(),
+            "refused_versions": sorted(state.models.refused),
+            "last_error": state.models.last_error}
+
+
+@router.post("/model/reload", dependencies=[Depends(require_api_key)])
+async def reload(state: State) -> dict[str, Any]:
+    """Check for a newer bundle now instead of waiting for the watcher."""
+    changed = await state.models.refresh()
+    current = state.models.current
+    return {"changed": changed, "model_version": current.version if current else None,
+            "last_error": state.models.last_error}

@@ -1,0 +1,62 @@
+"""POST /recommend."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Depends, HTTPException, status
+
+from service.deps import ServedModel, State, require_api_key
+from service.history import StoreUnavailable
+from service.schemas import InterestSummary, RecommendedItem, RecommendRequest, RecommendResponse
+
+router = APIRouter(tags=["recommend"], dependencies=[Depends(require_api_key)])
+log = logging.getLogger("service.recommend")
+
+
+@router.post("/recommend", response_model=RecommendResponse)
+async def recommend(body: RecommendRequest, state: State, model: ServedModel) -> RecommendResponse:
+    settings, metrics = state.settings, state.metrics
+    k = body.k or settings.default_k
+    if k > settings.max_k:
+        raise HTTPException(422,
+                            f"k={k} is above the maximum {settings.max_k}")
+    if body.history is not None and len(body.history) > settings.max_request_history:
+        raise HTTPException(422,
+                            f"history has {len(body.history)} items; at most "
+                            f"{settings.max_request_history} are accepted")
+    stored: list[str] = []
+    degraded = False
+    if body.use_stored_history:
+        try:
+            stored = await state.store.history(body.user_id)
+        except StoreUnavailable as exc:
+            metrics.redis_errors.inc()
+            if not body.history:
+                raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                                    "history store unavailable and the request has no "
+                                    "history of its own") from exc
+            degraded = True
+            metrics.degraded.inc()
+            log.warning("history store unavailable; answering from the request's history",
+                        extra={"error": str(exc)})
+    history = stored + (body.history or [])
+    exclude = body.exclude + (history if body.exclude_seen else [])
+    result = model.recommend(history, k, exclude, settings.per_interest_fanout)
+
+    metrics.recommendations.inc()
+    metrics.unknown_items.inc(result.unknown_items)
+    if result.fallback:
+        metrics.fallbacks.inc()
+    titles = model.bundle.titles
+    sources = [name for name, used in (("stored", stored), ("request", body.history)) if used]
+    return RecommendResponse(
+        user_id=body.user_id, model_name=model.name, model_version=model.version,
+        items=[RecommendedItem(item_id=i, score=s, interest=w,
+                               title=titles[model.internal[i] - 1] or None)
+               for i, s, w in zip(result.item_ids, result.scores, result.interests, strict=True)],
+        interests=[InterestSummary(interest=i, items=c)
+                   for i, c in enumerate(result.interest_counts)],
+        fallback=result.fallback, history_source="+".join(sources) or "none",
+        history_length=result.used_history, unknown_items=result.unknown_items,
+        degraded=degraded)

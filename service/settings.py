@@ -1,0 +1,46 @@
+"""Service settings: one source, the environment (or a .env file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.bundle import DEFAULT_MODEL_NAME
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+
+    models_dir: Path = Path("models")
+    model_name: str = DEFAULT_MODEL_NAME
+    # Unset: an in-process history store (single process only; histories die with it).
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    history_max_len: int = Field(200, ge=1, description="items kept per user")
+    history_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, description="idle users expire")
+    event_stream: str = "recsys:events"
+    event_stream_max_len: int = Field(1_000_000, ge=1000)
+    event_dedup_ttl_seconds: int = Field(7 * 24 * 3600, ge=1)
+
+    default_k: int = Field(20, ge=1)
+    max_k: int = Field(200, ge=1)
+    per_interest_fanout: int = Field(50, ge=1, description="candidates per interest (min)")
+    max_request_history: int = Field(1000, ge=1, description="history items one request may send")
+    max_events_per_request: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+    api_key: str | None = None
+    reload_interval_seconds: float = Field(5.0, gt=0)
+    onnx_threads: int = Field(1, ge=1)
+    faiss_threads: int = Field(1, ge=1)
+    log_level: str = "INFO"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,38 @@
+"""Shared fixtures: a small synthetic dataset, a briefly trained model and its bundle."""
+
+from pathlib import Path
+
+import pytest
+
+from trainer.config import TrainConfig
+from trainer.dataset import build_dataset
+from trainer.synthetic import make_synthetic
+
+TINY_SPEC = {"synthetic": {"n_users": 300, "n_items": 200, "n_topics": 10, "min_len": 10,
+                           "max_len": 20, "seed": 0}}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset():
+    return build_dataset(make_synthetic(**TINY_SPEC["synthetic"]))
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_dataset):
+    from trainer.train import train
+
+    cfg = TrainConfig(max_epochs=2, eval_every=10, dim=16, seed=0)
+    return cfg, train(tiny_dataset, cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_dataset, tiny_trained, tmp_path_factory) -> Path:
+    """A published bundle of the tiny model in a fresh model store (read-only for tests)."""
+    from trainer.export import publish_bundle
+    from trainer.train import evaluate_model
+
+    cfg, result = tiny_trained
+    test = evaluate_model(result.model, tiny_dataset.eval_split("test", cfg.maxlen))
+    models = tmp_path_factory.mktemp("models")
+    return publish_bundle(result.model, tiny_dataset, cfg, TINY_SPEC, {"test": test}, models,
+                          "tiny", progress=False)

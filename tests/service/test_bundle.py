@@ -1,0 +1,99 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from service import bundle as fmt
+from service.bundle import BundleError, latest_version, load_bundle
+
+
+@pytest.fixture
+def copy_of(tiny_bundle, tmp_path):
+    """A private copy of the tiny bundle's model store, safe to damage."""
+    root = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_bundle, root / "1")
+    return root
+
+
+def test_loads_and_serves_shapes(tiny_bundle):
+    b = load_bundle(tiny_bundle)
+    m = b.manifest
+    assert m.version == 1 and m.name == "tiny" and m.format_version == fmt.FORMAT_VERSION
+    assert set(m.files) == set(fmt.REQUIRED_FILES)
+    interests = b.encode(np.zeros((3, m.maxlen), dtype=np.int64))
+    assert interests.shape == (3, m.interests, m.dim) and interests.dtype == np.float32
+    scores, rows = b.search(interests[0], 5)
+    assert rows.shape == (m.interests, 5) and rows.max() < m.item_count
+    assert len(b.item_ids) == m.item_count == len(b.popularity)
+
+
+def test_truncated_file_is_refused_naming_it(copy_of):
+    target = copy_of / "1" / fmt.ENCODER
+    target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(BundleError, match=r"encoder.onnx: 100 bytes, manifest says \d+"):
+        load_bundle(copy_of / "1")
+
+
+def test_tampered_file_is_refused_naming_it(copy_of):
+    target = copy_of / "1" / fmt.ITEM_EMBEDDINGS
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    target.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="item_embeddings.npy: checksum mismatch"):
+        load_bundle(copy_of / "1")
+
+
+def test_missing_file_and_broken_manifest_are_named(copy_of):
+    (copy_of / "1" / fmt.INDEX).unlink()
+    with pytest.raises(BundleError, match="items.faiss: missing"):
+        load_bundle(copy_of / "1")
+    (copy_of / "1" / fmt.MANIFEST).write_text("{not json")
+    with pytest.raises(BundleError, match="manifest.json: not valid JSON"):
+        load_bundle(copy_of / "1")
+    (copy_of / "1" / fmt.MANIFEST).write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(BundleError, match="manifest.json: invalid manifest"):
+        load_bundle(copy_of / "1")
+
+
+def test_half_written_version_is_never_the_newest(copy_of):
+    half = copy_of / "2"
+    shutil.copytree(copy_of / "1", half)
+    (half / fmt.MANIFEST).unlink()  # the manifest is written last: this one never finished
+    (copy_of / ".staging-abc").mkdir()
+    assert fmt.complete_versions(copy_of) == [1]
+    assert latest_version(copy_of) == 1
+
+
+def test_publish_takes_the_next_version_and_cleans_up_on_failure(copy_of, tiny_bundle):
+    manifest = json.loads((tiny_bundle / fmt.MANIFEST).read_text())
+    keep = {k: v for k, v in manifest.items()
+            if k not in ("files", "version", "name", "created", "format_version")}
+
+    def copy_files(staging):
+        for name in fmt.REQUIRED_FILES:
+            shutil.copy(tiny_bundle / name, staging / name)
+
+    (copy_of / "2").mkdir()  # an abandoned, incomplete version still reserves its number
+    path = fmt.publish(copy_of.parent, "tiny", copy_files, keep)
+    assert path == copy_of / "3" and load_bundle(path).version == 3
+
+    def fail(staging):
+        (staging / fmt.ENCODER).write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        fmt.publish(copy_of.parent, "tiny", fail, keep)
+    assert sorted(p.name for p in copy_of.iterdir()) == ["1", "2", "3"]
+
+    with pytest.raises(BundleError, match="missing encoder.onnx"):
+        fmt.publish(copy_of.parent, "tiny", lambda staging: None, keep)
+
+
+def test_bundle_module_does_not_import_torch():
+    code = "import sys, service.bundle, service.retrieval; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,64 @@
+"""Hot reload under concurrent load, against a real uvicorn server on loopback."""
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from service.app import create_app
+from tests.service.conftest import make_settings, publish_copy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_reload_under_concurrent_requests_drops_none(models_dir):
+    port = free_port()
+    app = create_app(make_settings(models_dir, reload_interval_seconds=0.05))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+
+    async def load() -> list[tuple[int, int | None]]:
+        results: list[tuple[int, int | None]] = []
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            probe = await client.post("/recommend", json={"user_id": "p", "k": 3})
+            history = [i["item_id"] for i in probe.json()["items"]]
+            stop = time.monotonic() + 3.0
+
+            async def worker(n: int) -> None:
+                while time.monotonic() < stop:
+                    r = await client.post("/recommend", json={"user_id": f"u{n}", "k": 10,
+                                                              "history": history})
+                    version = r.json().get("model_version") if r.status_code == 200 else None
+                    results.append((r.status_code, version))
+
+            async def publisher() -> None:
+                await asyncio.sleep(0.8)
+                await asyncio.to_thread(publish_copy, models_dir, models_dir / "tiny" / "1")
+
+            await asyncio.gather(publisher(), *(worker(n) for n in range(8)))
+        return results
+
+    try:
+        results = asyncio.run(load())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    statuses = {status for status, _ in results}
+    versions = [v for _, v in results]
+    assert statuses == {200}, f"non-200 answers during reload: {statuses}"
+    assert len(results) > 50
+    assert versions[0] == 1 and versions[-1] == 2 and set(versions) == {1, 2}
