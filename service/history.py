@@ -18,6 +18,8 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+EVENT_STREAM = "recsys:events"  # default Redis Stream of accepted events (the nightly job reads it)
+
 
 class StoreUnavailable(RuntimeError):
     """The history store cannot be reached (Redis down); callers degrade or answer 503."""

@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.bundle import DEFAULT_MODEL_NAME
+from service.history import EVENT_STREAM
 
 
 class Settings(BaseSettings):
@@ -23,7 +24,7 @@ class Settings(BaseSettings):
 
     history_max_len: int = Field(200, ge=1, description="items kept per user")
     history_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, description="idle users expire")
-    event_stream: str = "recsys:events"
+    event_stream: str = EVENT_STREAM
     event_stream_max_len: int = Field(1_000_000, ge=1000)
     event_dedup_ttl_seconds: int = Field(7 * 24 * 3600, ge=1)
 

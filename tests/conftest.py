@@ -1,12 +1,25 @@
 """Shared fixtures: a small synthetic dataset, a briefly trained model and its bundle."""
 
+import shutil
 from pathlib import Path
 
 import pytest
+from pytest_redis import factories
 
 from trainer.config import TrainConfig
 from trainer.dataset import build_dataset
 from trainer.synthetic import make_synthetic
+
+# A real, throwaway Redis server per session (Debian's redis-server via pytest-redis), never
+# the machine's shared one; `redisdb` flushes it after each test.
+redis_proc = factories.redis_proc(port=None)
+redisdb = factories.redisdb("redis_proc", decode=True)
+
+
+@pytest.fixture
+def redis_url(redis_proc, redisdb):
+    return f"redis://{redis_proc.host}:{redis_proc.port}/0"
+
 
 TINY_SPEC = {"synthetic": {"n_users": 300, "n_items": 200, "n_topics": 10, "min_len": 10,
                            "max_len": 20, "seed": 0}}
@@ -36,3 +49,11 @@ def tiny_bundle(tiny_dataset, tiny_trained, tmp_path_factory) -> Path:
     models = tmp_path_factory.mktemp("models")
     return publish_bundle(result.model, tiny_dataset, cfg, TINY_SPEC, {"test": test}, models,
                           "tiny", progress=False)
+
+
+@pytest.fixture
+def models_dir(tiny_bundle, tmp_path):
+    """A model store with the tiny bundle as version 1 of model 'tiny'."""
+    root = tmp_path / "models"
+    shutil.copytree(tiny_bundle, root / "tiny" / "1")
+    return root

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import sys
 from pathlib import Path
@@ -24,59 +25,20 @@ from service.bundle import (
     load_bundle,
     read_manifest,
 )
+from service.history import EVENT_STREAM
 from trainer.config import BACKBONES, LOSSES, TrainConfig
-from trainer.data import FORMATS, DataError, RawData, load_movielens_small, load_path
+from trainer.data import FORMATS, DataError
 from trainer.dataset import SequenceDataset, build_dataset
 from trainer.evaluate import evaluate_encoder, most_popular
 from trainer.export import INDEX_KINDS, ExportError, publish_bundle
 from trainer.nets import build_encoder
-from trainer.synthetic import make_synthetic
+from trainer.nightly import LockHeld, NightlyError, NightlyOptions, run_nightly
+from trainer.specs import BUILTIN_DATASETS, data_spec, load_spec
 from trainer.train import evaluate_model, train
 
 log = logging.getLogger("trainer")
 
-BUILTIN_DATASETS = ("movielens-small", "synthetic")
 CHECKPOINT_FORMAT = 1
-
-
-# --- data specs: how a run names its data, so `evaluate` can rebuild the same split ---------
-
-
-def data_spec(args: argparse.Namespace) -> dict[str, Any]:
-    if args.data:
-        # Absolute, so that `evaluate` works from any directory.
-        return {"data": str(args.data.resolve()),
-                "items": str(args.items.resolve()) if args.items else None,
-                "format": args.format}
-    if args.dataset == "synthetic":
-        return {"synthetic": parse_synthetic(args.synthetic)}
-    return {"dataset": args.dataset}
-
-
-def parse_synthetic(text: str | None) -> dict[str, int | float]:
-    """'users=2000,items=2000,topics=40,interests=4' -> make_synthetic keyword arguments."""
-    names = {"users": "n_users", "items": "n_items", "topics": "n_topics",
-             "interests": "interests_per_user", "min_len": "min_len", "max_len": "max_len",
-             "stickiness": "stickiness", "seed": "seed"}
-    out: dict[str, int | float] = {}
-    for part in filter(None, (text or "").split(",")):
-        key, _, value = part.partition("=")
-        if key.strip() not in names or not value:
-            raise DataError(f"--synthetic: bad entry {part!r}; keys are {', '.join(names)}")
-        number = float(value)
-        out[names[key.strip()]] = int(number) if number.is_integer() and key != "stickiness" \
-            else number
-    return out
-
-
-def load_spec(spec: dict[str, Any]) -> RawData:
-    if "data" in spec:
-        return load_path(spec["data"], spec.get("items"), spec.get("format", "auto"))
-    if "synthetic" in spec:
-        return make_synthetic(**spec["synthetic"])
-    if spec.get("dataset") == "movielens-small":
-        return load_movielens_small()
-    raise DataError(f"unknown dataset {spec!r}")
 
 
 def peak_rss_mb() -> float:
@@ -233,6 +195,19 @@ def add_publish_options(parser: argparse.ArgumentParser, required: bool) -> None
                         help="FAISS index kind (auto: exact up to 100k items, IVF above)")
 
 
+def cmd_nightly(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if args.epochs is not None:
+        overrides["max_epochs"] = args.epochs
+    if args.max_minutes is not None:
+        overrides["max_minutes"] = args.max_minutes
+    return run_nightly(NightlyOptions(
+        redis_url=args.redis_url, stream=args.stream, group=args.group,
+        data_dir=Path(args.data_dir), models_dir=Path(args.models), name=args.name,
+        tolerance=args.tolerance, train_overrides=overrides,
+        crash_after_persist=args.crash_after_persist, progress=not args.no_progress))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer",
                                      description="Train and evaluate multi-interest encoders.")
@@ -275,6 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
     x.set_defaults(func=cmd_export)
 
+    n = sub.add_parser("nightly", help="ingest new events, retrain, gate, publish")
+    n.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    n.add_argument("--stream", default=os.environ.get("EVENT_STREAM", EVENT_STREAM))
+    n.add_argument("--group", default="nightly", help="Redis consumer group")
+    n.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"),
+                   help="event partitions, reports and the lock")
+    n.add_argument("--models", default=os.environ.get("MODELS_DIR", "models"))
+    n.add_argument("--name", default=os.environ.get("MODEL_NAME", DEFAULT_MODEL_NAME))
+    n.add_argument("--tolerance", type=float, default=0.005,
+                   help="publish unless Recall@50 drops by more than this (absolute)")
+    n.add_argument("--epochs", type=int, help="override the served model's max epochs")
+    n.add_argument("--max-minutes", type=float, help="override the training time cap")
+    n.add_argument("--no-progress", action="store_true")
+    n.add_argument("--crash-after-persist", action="store_true", help=argparse.SUPPRESS)
+    n.set_defaults(func=cmd_nightly)
+
     e = sub.add_parser("evaluate", help="re-evaluate a saved checkpoint or a published bundle")
     e.add_argument("checkpoint", type=Path, nargs="?", help="checkpoint.pt of a run")
     e.add_argument("--bundle", type=Path, help="a bundle directory models/<name>/<version>")
@@ -290,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = args.func(args)
+    except LockHeld as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except NightlyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (DataError, BundleError, ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

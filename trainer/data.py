@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
+# The nightly job's event log: Parquet partitions of service events (trainer/nightly.py).
+EVENT_COLUMNS = ("stream_id", "event_id", "user_id", "item_id", "timestamp")
 ITEM_COLUMNS = ("item_id", "title", "categories", "year")
 FORMATS = ("auto", "interactions", "movielens", "amazon", "taobao")
 
@@ -372,3 +374,26 @@ def load_path(path: str | Path, items: str | Path | None = None, fmt: str = "aut
     if fmt == "taobao":
         return load_taobao(path)
     return load_interactions(path, items)
+
+
+def load_event_log(directory: str | Path) -> pd.DataFrame:
+    """Every persisted service event once (one row per stream id, then per event id)."""
+    parts = sorted(Path(directory).glob("part-*.parquet"))
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype="int64" if c == "timestamp" else object)
+                             for c in EVENT_COLUMNS})
+    try:
+        frame = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{directory}: unreadable event partition ({exc})") from exc
+    _require_columns(frame, EVENT_COLUMNS, directory)
+    frame = frame.drop_duplicates("stream_id").drop_duplicates("event_id")
+    return frame.sort_values("stream_id", kind="stable").reset_index(drop=True)
+
+
+def with_event_log(base: RawData, directory: str | Path) -> RawData:
+    """Base data plus the service events persisted by the nightly job."""
+    events = load_event_log(directory)
+    inter = pd.concat([base.interactions, events[list(INTERACTION_COLUMNS)]], ignore_index=True)
+    inter["timestamp"] = inter["timestamp"].astype(np.int64)
+    return RawData(f"{base.name}+events", f"{base.source} + {directory}", inter, base.items)

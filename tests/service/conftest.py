@@ -1,31 +1,12 @@
-"""Service fixtures: a real Redis server per session (pytest-redis, Debian's redis-server),
-and apps built on a private copy of the tiny bundle."""
+"""Service fixtures: apps built on a private copy of the tiny bundle."""
 
 import shutil
 
 import pytest
 from fastapi.testclient import TestClient
-from pytest_redis import factories
 
 from service.app import create_app
 from service.settings import Settings
-
-redis_proc = factories.redis_proc(port=None)
-redisdb = factories.redisdb("redis_proc", decode=True)
-
-
-@pytest.fixture
-def models_dir(tiny_bundle, tmp_path):
-    """A model store with the tiny bundle as version 1 of model 'tiny'."""
-    root = tmp_path / "models"
-    shutil.copytree(tiny_bundle, root / "tiny" / "1")
-    return root
-
-
-@pytest.fixture
-def redis_url(redis_proc, redisdb):
-    # redisdb flushes the database after each test.
-    return f"redis://{redis_proc.host}:{redis_proc.port}/0"
 
 
 def make_settings(models_dir, **overrides) -> Settings:

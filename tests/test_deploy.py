@@ -1,0 +1,96 @@
+"""The deployment files, checked without a Docker engine: the compose file's structure, the
+Dockerfiles' rules (the service image never installs torch), and that the commands and
+environment they use are the ones this code accepts."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.settings import Settings
+from trainer.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def dockerfile(name):
+    text = (ROOT / "docker" / name).read_text()
+    return re.sub(r"\\\n\s*", " ", text)  # join continued lines
+
+
+def instructions(text, keyword):
+    return [line.split(None, 1)[1] for line in text.splitlines()
+            if line.strip().upper().startswith(keyword + " ")]
+
+
+def test_compose_services_volumes_and_healthchecks(compose):
+    services = compose["services"]
+    assert set(services) == {"redis", "api", "trainer", "nightly"}
+    assert set(compose["volumes"]) >= {"models", "redis-data"}
+
+    redis = services["redis"]
+    assert "--appendonly" in redis["command"] and "yes" in redis["command"]
+    assert "redis-data:/data" in redis["volumes"]
+    assert "redis-cli" in redis["healthcheck"]["test"]
+
+    api = services["api"]
+    assert api["build"]["dockerfile"] == "docker/service.Dockerfile"
+    assert "models:/models:ro" in api["volumes"]
+    assert any("/readyz" in part for part in api["healthcheck"]["test"])
+    assert "8000:8000" in api["ports"]
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert api["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
+    assert api["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+
+    for name in ("trainer", "nightly"):
+        assert services[name]["build"]["dockerfile"] == "docker/trainer.Dockerfile"
+        assert "models:/models" in services[name]["volumes"]
+    assert services["trainer"]["restart"] == "no"
+
+
+def test_compose_commands_are_accepted_by_the_trainer_cli(compose):
+    parser = build_parser()
+    train = compose["services"]["trainer"]["command"]
+    assert train[:3] == ["python", "-m", "trainer"]
+    args = parser.parse_args(train[3:])
+    assert args.command == "train" and args.if_missing and str(args.out) == "/models"
+
+    loop = compose["services"]["nightly"]["command"][-1]
+    nightly = re.search(r"python -m trainer (nightly[^|;]*)", loop).group(1)
+    assert parser.parse_args(shlex.split(nightly)).command == "nightly"
+
+
+def test_compose_environment_is_valid_service_settings(compose):
+    env = compose["services"]["api"]["environment"]
+    settings = Settings(**{k.lower(): v for k, v in env.items()})
+    assert settings.host == "0.0.0.0" and str(settings.models_dir) == "/models"
+    assert set(k.lower() for k in env) <= set(Settings.model_fields)
+
+
+def test_service_image_never_installs_torch_and_runs_as_non_root():
+    text = dockerfile("service.Dockerfile")
+    assert instructions(text, "FROM")[0].startswith("python:3.11-slim")
+    for run in instructions(text, "RUN"):
+        for install in re.findall(r"pip install ([^&]*)", run):
+            assert "torch" not in install and "[train" not in install, install
+    copied = " ".join(instructions(text, "COPY"))
+    assert "trainer" not in copied  # the service image holds no training code
+    user = instructions(text, "USER")
+    assert user and user[-1] not in ("root", "0")
+    assert "/healthz" in instructions(text, "HEALTHCHECK")[0]
+    assert instructions(text, "CMD")[0] == '["python", "-m", "service"]'
+
+
+def test_trainer_image_pins_the_cpu_torch():
+    text = dockerfile("trainer.Dockerfile")
+    installs = " ".join(instructions(text, "RUN"))
+    assert "torch==2.13.0" in installs and "whl/cpu" in text
+    assert '".[train]"' in installs
+    assert instructions(text, "USER")[-1] not in ("root", "0")
