@@ -16,6 +16,8 @@ import asyncio
 import json
 import os
 import random
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +30,9 @@ import numpy as np
 import redis
 
 from service.bundle import latest_version, load_bundle
+from service.models import search_threads
 from service.recommender import Recommender
+from service.settings import Settings
 
 
 def free_port() -> int:
@@ -79,12 +83,43 @@ async def load(url: str, users: int, k: int, concurrency: int, seconds: float) -
     return {**summary(latencies, elapsed), "errors": errors, "concurrency": concurrency}
 
 
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  local body = string.format('{"user_id": "user%d", "k": %d}', math.random(0, USERS - 1), K)
+  return wrk.format(nil, nil, nil, body)
+end
+"""
+
+
+def wrk_load(url: str, users: int, k: int, concurrency: int, seconds: float) -> dict:
+    """The same load from wrk (C, one thread): client overhead far below the server's."""
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    script.write_text(f"USERS = {users}\nK = {k}\n" + WRK_SCRIPT)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{int(seconds)}s", "--latency", "-s", str(script),
+         url + "/recommend"], capture_output=True, text=True, check=True).stdout
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+    def percentile(p: str) -> float:
+        value, unit = re.search(rf"^\s*{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return round(float(value) * scale[unit], 3)
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"client": "wrk", "concurrency": concurrency, "p50_ms": percentile("50"),
+            "p99_ms": percentile("99"),
+            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+            "errors": int(errors.group(1)) if errors else 0}
+
+
 def floor(bundle_dir: Path, redis_url: str, users: int, k: int, seconds: float,
           fanout: int) -> dict:
     import faiss
 
-    faiss.omp_set_num_threads(1)  # as the service does
     rec = Recommender(load_bundle(bundle_dir))
+    faiss.omp_set_num_threads(search_threads(Settings().faiss_threads, rec))  # as the service
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     rng = random.Random(0)
     latencies = []
@@ -137,8 +172,10 @@ def main() -> None:
         out = {"bundle": str(bundle_dir), "items": len(item_ids), "users": args.users,
                "history": args.history, "k": args.k, "cpus": os.cpu_count()}
         out["floor"] = floor(bundle_dir, redis_url, args.users, args.k, args.seconds, 50)
+        use_wrk = shutil.which("wrk") is not None  # Debian's wrk; else the httpx client
         for c in args.concurrency:
-            out[f"http_c{c}"] = asyncio.run(load(url, args.users, args.k, c, args.seconds))
+            out[f"http_c{c}"] = (wrk_load if use_wrk else lambda *a: asyncio.run(load(*a)))(
+                url, args.users, args.k, c, args.seconds)
         out["http_over_floor_p50"] = round(out["http_c1"]["p50_ms"] / out["floor"]["p50_ms"], 2)
     finally:
         service.terminate()

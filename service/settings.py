@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     api_key: str | None = None
     reload_interval_seconds: float = Field(5.0, gt=0)
     onnx_threads: int = Field(1, ge=1)
-    faiss_threads: int = Field(1, ge=1)
+    faiss_threads: int = Field(0, ge=0, description="0 = auto (service/models.py)")
     log_level: str = "INFO"
 
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer train|evaluate ...`.
+"""Command line: `python -m trainer train|evaluate|export|nightly ...`.
 
 The last line `train` and `evaluate` print on stdout is one JSON object of metrics (with
 MostPop's beside them); the same object is written to metrics.json in the run directory.

@@ -142,6 +142,10 @@ def build_index(
         log.info("index %s %s=%d recall@%d=%.4f", factory, param, value, k, recall)
         if recall >= recall_target:
             break
+    if recall < recall_target:
+        log.warning("index %s: recall@%d %.3f at %s=%d is below the target %.2f; the item "
+                    "vectors may be under-trained, or use --index flat", factory, k, recall,
+                    param, value, recall_target)
     info = {"kind": kind, "factory": factory, "search_params": {param: value},
             "recall_at_50": recall, "build_seconds": build_seconds}
     return index, info

@@ -20,7 +20,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -243,24 +242,10 @@ def run_nightly(opts: NightlyOptions) -> dict[str, Any]:
             if gap < -opts.tolerance:
                 report["decision"] = "rejected"
             else:
-                report["published"] = str(republish(candidate_dir, opts.models_dir, opts.name,
-                                                     {"nightly_gate": report["gate"]}))
+                report["published"] = str(fmt.republish(
+                    candidate_dir, opts.models_dir, opts.name, {"nightly_gate": report["gate"]}))
                 report["decision"] = "published"
     return finish(report, opts, started)
-
-
-def republish(source: Path, models_dir: Path, name: str, extra: dict[str, Any]) -> Path:
-    """Publish an already checked bundle into the real store as its next version."""
-    manifest = fmt.read_manifest(source).model_dump()
-    body = {k: v for k, v in manifest.items()
-            if k not in ("files", "version", "name", "created", "format_version")}
-    body["extra"] = {**body.get("extra", {}), **extra}
-
-    def copy_files(staging: Path) -> None:
-        for file in manifest["files"]:
-            shutil.copy2(source / file, staging / file)
-
-    return fmt.publish(models_dir, name, copy_files, body)
 
 
 def finish(report: dict[str, Any], opts: NightlyOptions, started: float) -> dict[str, Any]:

@@ -87,13 +87,23 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True) -> 
     rng = np.random.default_rng(cfg.seed)
 
     model = build_encoder(dataset.n_items, cfg)
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     users, positions = dataset.train_examples()
     if len(users) == 0:
         raise ValueError("no training examples: every training user has fewer than 5 items")
     targets_all = dataset.flat[dataset.offsets[users] + positions]
     full = cfg.loss == "full" or (cfg.loss == "auto" and dataset.n_items <= FULL_SOFTMAX_MAX_ITEMS)
     sampler = None if full else LogUniformSampler(dataset.popularity())
+    if full:
+        optimisers = [torch.optim.Adam(model.parameters(), lr=cfg.lr)]
+    else:
+        # With sampled softmax a step touches only the batch's and the negatives' rows: sparse
+        # gradients and a lazy Adam on the table (a dense Adam step over a 1M x 64 table costs
+        # most of a second on 2 cores).
+        model.item_embedding.sparse = True
+        table = model.item_embedding.weight
+        optimisers = [torch.optim.SparseAdam([table], lr=cfg.lr),
+                      torch.optim.Adam([p for p in model.parameters() if p is not table],
+                                       lr=cfg.lr)]
     valid = dataset.eval_split("valid", cfg.maxlen)
 
     steps_per_epoch = math.ceil(len(users) / cfg.batch_size)
@@ -118,9 +128,11 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True) -> 
                 negatives = sampler.sample(count, targets, generator)
             model.train()
             loss = model.loss(histories, targets, negatives)
-            optimiser.zero_grad(set_to_none=True)
+            for optimiser in optimisers:
+                optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            optimiser.step()
+            for optimiser in optimisers:
+                optimiser.step()
             step += 1
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             bar.update(1)
@@ -154,6 +166,7 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True) -> 
         best_valid, best_step, best_state = metrics, step, None
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.item_embedding.sparse = False
     model.eval()
     seconds = time.perf_counter() - started
     log.info("trained %s: %d steps in %.1fs, best valid %s=%.4f at step %d (%s)",

@@ -1,6 +1,5 @@
 """Service fixtures: apps built on a private copy of the tiny bundle."""
 
-import shutil
 
 import pytest
 from fastapi.testclient import TestClient
@@ -33,16 +32,6 @@ def client_for(models_dir):
 
 def publish_copy(models_dir, source, name="tiny"):
     """Publish the files of bundle `source` as the next version of `name` (a real publish)."""
-    import json
+    from service.bundle import republish
 
-    from service import bundle as fmt
-
-    manifest = json.loads((source / fmt.MANIFEST).read_text())
-    keep = {k: v for k, v in manifest.items()
-            if k not in ("files", "version", "name", "created", "format_version")}
-
-    def copy_files(staging):
-        for file in fmt.REQUIRED_FILES:
-            shutil.copy(source / file, staging / file)
-
-    return fmt.publish(models_dir, name, copy_files, keep)
+    return republish(source, models_dir, name)

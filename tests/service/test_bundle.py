@@ -72,13 +72,10 @@ def test_publish_takes_the_next_version_and_cleans_up_on_failure(copy_of, tiny_b
     keep = {k: v for k, v in manifest.items()
             if k not in ("files", "version", "name", "created", "format_version")}
 
-    def copy_files(staging):
-        for name in fmt.REQUIRED_FILES:
-            shutil.copy(tiny_bundle / name, staging / name)
-
     (copy_of / "2").mkdir()  # an abandoned, incomplete version still reserves its number
-    path = fmt.publish(copy_of.parent, "tiny", copy_files, keep)
+    path = fmt.republish(tiny_bundle, copy_of.parent, "tiny", {"note": "copy"})
     assert path == copy_of / "3" and load_bundle(path).version == 3
+    assert load_bundle(path).manifest.extra["note"] == "copy"
 
     def fail(staging):
         (staging / fmt.ENCODER).write_bytes(b"partial")
