@@ -43,7 +43,7 @@ train: install
 
 # Serve the newest bundle. Without REDIS_URL histories live in the process (single process).
 serve:
-	@echo 'try: curl -s -X POST localhost:$(PORT)/recommend -H "content-type: application/json" -d '"'"'{"user_id": "alice", "history": ["1", "260", "1196"], "k": 10}'"'"
+	@echo 'try: curl -s -X POST localhost:$(PORT)/recommend -H "content-type: application/json" -d '"'"'{"user_id": "alice", "history": ["1", "260", "1196"], "k": 10, "exclude_seen": true}'"'"
 	MODELS_DIR=$(MODELS_DIR) MODEL_NAME=$(MODEL_NAME) PORT=$(PORT) $(PY) -m service
 
 # The main job on a fresh machine: install, train if no bundle exists, serve.
