@@ -16,7 +16,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import events, ops, recommend
 from service.deps import AppState
-from service.history import HistoryStore, InMemoryHistoryStore, RedisHistoryStore
+from service.history import (
+    HistoryStore,
+    InMemoryHistoryStore,
+    RedisHistoryStore,
+    StoreUnavailable,
+)
 from service.models import ModelManager
 from service.observability import Metrics, configure_logging, request_id_var
 from service.settings import Settings, get_settings
@@ -156,6 +161,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(recommend.router)
     app.include_router(events.router)
     app.include_router(ops.router)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        # One place for every route that needs the store; /recommend degrades instead.
+        metrics.redis_errors.inc()
+        return JSONResponse({"detail": f"history store unavailable: {exc}"}, status_code=503)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

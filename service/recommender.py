@@ -15,6 +15,7 @@ from service.retrieval import merge_interest_results
 @dataclass
 class Recommendation:
     item_ids: list[str]
+    titles: list[str]
     scores: list[float]
     interests: list[int | None]  # interest index per item; None for the popularity fallback
     fallback: bool
@@ -56,7 +57,8 @@ class Recommender:
         ids, best, which = merge_interest_results(scores, rows, k, excluded)
         counts = np.bincount(which, minlength=self.num_interests).tolist()
         return Recommendation(
-            item_ids=self.bundle.item_ids[ids].tolist(), scores=best.astype(float).tolist(),
+            item_ids=self.bundle.item_ids[ids].tolist(), titles=self.bundle.titles[ids].tolist(),
+            scores=best.astype(float).tolist(),
             interests=which.tolist(), fallback=False, used_history=len(recent),
             unknown_items=unknown, interest_counts=counts)
 
@@ -67,6 +69,7 @@ class Recommender:
         rows = rows[:k]
         return Recommendation(
             item_ids=self.bundle.item_ids[rows].tolist(),
+            titles=self.bundle.titles[rows].tolist(),
             scores=self.bundle.popularity[rows].astype(float).tolist(),
             interests=[None] * len(rows), fallback=True, used_history=0, unknown_items=unknown,
             interest_counts=[0] * self.num_interests)

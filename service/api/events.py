@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException
 
 from service.deps import State, require_api_key
-from service.history import Event, StoreUnavailable, new_event_id
+from service.history import Event, new_event_id
 from service.schemas import DeleteResponse, EventBatch, EventIn, EventsResponse, HistoryResponse
 
 router = APIRouter(tags=["events"], dependencies=[Depends(require_api_key)])
-
-
-def unavailable(state: State, exc: StoreUnavailable) -> HTTPException:
-    state.metrics.redis_errors.inc()
-    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"history store unavailable: {exc}")
 
 
 @router.post("/events", response_model=EventsResponse)
@@ -30,10 +25,7 @@ async def record_events(body: EventIn | EventBatch, state: State) -> EventsRespo
     events = [Event(e.user_id, e.item_id, e.timestamp if e.timestamp is not None else now,
                     e.event_id or new_event_id()) for e in incoming]
     events.sort(key=lambda e: e.timestamp)  # stable: equal timestamps keep the body's order
-    try:
-        accepted = await state.store.record(events)
-    except StoreUnavailable as exc:
-        raise unavailable(state, exc) from exc
+    accepted = await state.store.record(events)  # StoreUnavailable -> 503 (service/app.py)
     n = sum(accepted)
     state.metrics.events.labels("accepted").inc(n)
     state.metrics.events.labels("duplicate").inc(len(accepted) - n)
@@ -42,15 +34,9 @@ async def record_events(body: EventIn | EventBatch, state: State) -> EventsRespo
 
 @router.get("/users/{user_id}/history", response_model=HistoryResponse)
 async def get_history(user_id: str, state: State) -> HistoryResponse:
-    try:
-        return HistoryResponse(user_id=user_id, items=await state.store.history(user_id))
-    except StoreUnavailable as exc:
-        raise unavailable(state, exc) from exc
+    return HistoryResponse(user_id=user_id, items=await state.store.history(user_id))
 
 
 @router.delete("/users/{user_id}/history", response_model=DeleteResponse)
 async def delete_history(user_id: str, state: State) -> DeleteResponse:
-    try:
-        return DeleteResponse(user_id=user_id, deleted=await state.store.delete(user_id))
-    except StoreUnavailable as exc:
-        raise unavailable(state, exc) from exc
+    return DeleteResponse(user_id=user_id, deleted=await state.store.delete(user_id))

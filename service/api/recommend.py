@@ -48,13 +48,12 @@ async def recommend(body: RecommendRequest, state: State, model: ServedModel) ->
     metrics.unknown_items.inc(result.unknown_items)
     if result.fallback:
         metrics.fallbacks.inc()
-    titles = model.bundle.titles
     sources = [name for name, used in (("stored", stored), ("request", body.history)) if used]
     return RecommendResponse(
         user_id=body.user_id, model_name=model.name, model_version=model.version,
-        items=[RecommendedItem(item_id=i, score=s, interest=w,
-                               title=titles[model.internal[i] - 1] or None)
-               for i, s, w in zip(result.item_ids, result.scores, result.interests, strict=True)],
+        items=[RecommendedItem(item_id=i, score=s, interest=w, title=t or None)
+               for i, t, s, w in zip(result.item_ids, result.titles, result.scores,
+                                     result.interests, strict=True)],
         interests=[InterestSummary(interest=i, items=c)
                    for i, c in enumerate(result.interest_counts)],
         fallback=result.fallback, history_source="+".join(sources) or "none",
