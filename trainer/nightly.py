@@ -37,6 +37,7 @@ from service.recommender import Recommender
 from trainer.config import TrainConfig
 from trainer.data import EVENT_COLUMNS
 from trainer.dataset import SequenceDataset, build_dataset
+from trainer.esim import esim_setup
 from trainer.export import publish_bundle
 from trainer.metrics import CUTOFFS, aggregate
 from trainer.specs import load_spec
@@ -227,7 +228,12 @@ def run_nightly(opts: NightlyOptions) -> dict[str, Any]:
         dataset = build_dataset(load_spec(spec), min_item_count=cfg.min_item_count,
                                 min_user_count=cfg.min_user_count, split_seed=cfg.split_seed)
         report["dataset"] = dataset.describe()
-        result = train(dataset, cfg, progress=opts.progress)
+        # A served ESIM model is retrained with ESIM; the LLM answers come from the cache
+        # for typical users asked before.
+        result = train(dataset, cfg, progress=opts.progress,
+                       esim_setup=esim_setup(dataset, cfg, None, opts.progress))
+        if result.esim is not None:
+            report["esim"] = result.esim
         test = evaluate_model(result.model, dataset.eval_split("test", cfg.maxlen))
 
         histories, targets = held_out(dataset, cfg.maxlen)

@@ -7,7 +7,9 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +19,13 @@ from trainer.config import FULL_SOFTMAX_MAX_ITEMS, TrainConfig
 from trainer.dataset import EvalSplit, SequenceDataset
 from trainer.evaluate import evaluate_encoder, exact_search
 from trainer.nets import MultiInterestEncoder, Negatives, build_encoder
+
+if TYPE_CHECKING:  # ESIM's imports (transformers, LLM clients) stay out of plain training
+    from trainer.esim import EsimObjective
+
+# Called once at the end of the warm-up with the warmed-up model: returns the ESIM objective
+# and a report (trainer.esim.prepare_esim with its labeller bound).
+EsimSetup = Callable[[MultiInterestEncoder], "tuple[EsimObjective, dict[str, Any]]"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,7 @@ class TrainResult:
     stopped_by: str
     loss_mode: str
     curve: list[dict[str, float]] = field(default_factory=list)
+    esim: dict[str, Any] | None = None  # ESIM report (typical users, labels, LLM statistics)
 
 
 def encode_numpy(model: MultiInterestEncoder):
@@ -79,7 +89,10 @@ def evaluate_model(model: MultiInterestEncoder, split: EvalSplit) -> dict[str, f
     return evaluate_encoder(encode_numpy(model), exact_search(items), split)
 
 
-def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True) -> TrainResult:
+def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
+          esim_setup: EsimSetup | None = None) -> TrainResult:
+    """IBIM training; with `esim_setup` (needs cfg.esim) the ESIM losses join after the
+    warm-up, and only evaluations from then on can be selected as the best model."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -106,7 +119,15 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True) -> 
                                        lr=cfg.lr)]
     valid = dataset.eval_split("valid", cfg.maxlen)
 
+    if cfg.esim and esim_setup is None:
+        raise ValueError("cfg.esim is set but no esim_setup was given")
+    esim_objective, esim_report = None, None
     steps_per_epoch = math.ceil(len(users) / cfg.batch_size)
+    esim_start = max(1, round(cfg.esim_warmup_epochs * steps_per_epoch)) if cfg.esim else None
+    if esim_start is not None and esim_start > steps_per_epoch * cfg.max_epochs:
+        raise ValueError(f"the ESIM warm-up ({cfg.esim_warmup_epochs} epochs) is longer than "
+                         f"training ({cfg.max_epochs} epochs)")
+    esim_parts: dict[str, float] = {}
     total_steps = steps_per_epoch * cfg.max_epochs
     best_metric, best_state, best_valid, best_step = -1.0, None, {}, 0
     bad_evals, step, stopped_by = 0, 0, "max_epochs"
@@ -126,8 +147,18 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True) -> 
             if sampler is not None:
                 count = cfg.negatives_per_example * cfg.batch_size
                 negatives = sampler.sample(count, targets, generator)
+            if step == esim_start:
+                esim_objective, esim_report = esim_setup(model)
+                optimisers.append(torch.optim.Adam(esim_objective.parameters(), lr=cfg.lr))
+                esim_report["start_step"] = step
+                esim_report["warmup_valid"] = evaluate_model(model, valid)
+                # The model must be chosen among ESIM-trained states, or ESIM could be a no-op.
+                best_metric, best_state, bad_evals = -1.0, None, 0
             model.train()
             loss = model.loss(histories, targets, negatives)
+            if esim_objective is not None:
+                aux, esim_parts = esim_objective.loss(model)
+                loss = loss + aux
             for optimiser in optimisers:
                 optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -139,7 +170,8 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True) -> 
 
             if step % cfg.eval_every == 0:
                 metrics = evaluate_model(model, valid)
-                curve.append({"step": step, "loss": running, **metrics})
+                curve.append({"step": step, "loss": running, **metrics,
+                              **{f"esim_{k}": v for k, v in esim_parts.items()}})
                 if metrics[SELECTION_METRIC] > best_metric:
                     best_metric, best_valid, best_step = metrics[SELECTION_METRIC], metrics, step
                     best_state = copy.deepcopy(model.state_dict())
@@ -148,7 +180,7 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True) -> 
                     bad_evals += 1
                 bar.set_postfix(loss=f"{running:.3f}", val_r50=f"{metrics[SELECTION_METRIC]:.4f}",
                                 best=f"{best_metric:.4f}")
-                if bad_evals >= cfg.patience:
+                if bad_evals >= cfg.patience and (esim_start is None or step > esim_start):
                     stopped_by = "early_stopping"
             elif step % 20 == 0:
                 bar.set_postfix(loss=f"{running:.3f}", best=f"{max(best_metric, 0):.4f}")
@@ -175,5 +207,5 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True) -> 
     return TrainResult(
         model=model, best_valid=best_valid, best_step=best_step, steps=step,
         epochs=step / steps_per_epoch, seconds=seconds, stopped_by=stopped_by,
-        loss_mode="full" if full else "sampled", curve=curve,
+        loss_mode="full" if full else "sampled", curve=curve, esim=esim_report,
     )
