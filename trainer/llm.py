@@ -100,6 +100,8 @@ class Answer(BaseModel):
 class AnswerSchema:
     n_items: int
     max_interests: int
+    # The listed items themselves, for backends that decode against them (local).
+    items: tuple[PromptItem, ...] = ()
 
 
 SYSTEM_PROMPT = "You analyse what a user of a recommender system is interested in."
@@ -269,16 +271,25 @@ def smollm2_path() -> Path:
 
 
 class LocalChat:
-    """SmolLM2-135M-Instruct on the CPU with grammar-constrained greedy decoding.
+    """SmolLM2-135M-Instruct on the CPU, decoding under constraints (greedy, deterministic).
 
-    The harness writes the JSON structure and the model fills only the free text (name,
-    description) and picks item numbers among the listed ones, token by token with the other
-    tokens masked, and decides between another interest and the end by the logits of `,` vs
-    `]`. So every answer parses; a 135M model asked for free JSON rarely produces it.
+    Asked for the JSON freely, a 135M model rarely produces it; forced into the JSON shape, it
+    names one interest after a title and lists items 1, 2, 3, ... in order (tried first: see
+    the README). So the harness writes the JSON and the model fills three constrained parts:
+    1. names: it proposes up to PROPOSED_NAMES interest names (free text inside a JSON string,
+       not starting with a digit), which join the user's most frequent item categories as
+       candidate names;
+    2. items, by likelihood scoring of the candidate names: each listed item goes to the name
+       with the highest log P(name | item) (calibrated per name, see `_affinity`), and the K
+       largest groups become the interests;
+    3. a one-sentence description per interest, generated inside a JSON string.
+    Every answer parses; the validator still checks it like any other backend's.
     """
 
     concurrency = 1
-    NAME_TOKENS, DESCRIPTION_TOKENS, ITEM_TOKENS = 8, 28, 24
+    VERSION = "score-v2"  # part of the cache key: a change of method must not reuse answers
+    PROPOSED_NAMES, CATEGORY_CANDIDATES = 2, 6
+    NAME_TOKENS, DESCRIPTION_TOKENS = 8, 24
 
     def __init__(self, path: Path | None = None, threads: int = 0) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -286,7 +297,7 @@ class LocalChat:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = path or smollm2_path()
-        self.model_id = f"local:{path.stem}"
+        self.model_id = f"local:{path.stem}:{self.VERSION}"
         self.torch = torch
         self.threads = threads
         self.tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -298,10 +309,11 @@ class LocalChat:
         # Tokens that would break out of a JSON string or are not text.
         self.stops = torch.tensor([i in special or '"' in s or "\\" in s or "\n" in s
                                    or any(ord(c) < 32 for c in s) for i, s in enumerate(text)])
+        self.digit_start = torch.tensor([s.strip()[:1].isdigit() for s in text])
         self.token_text = text
-        self.digit_ids = [self.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
-        self.comma_id = self.tokenizer.convert_tokens_to_ids(",")
-        self.close_id = self.tokenizer.convert_tokens_to_ids("]")
+        self.special = special
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
 
     def _feed(self, ids: list[int], past: Any) -> tuple[Any, Any]:
         out = self.model(input_ids=self.torch.tensor([ids]), past_key_values=past,
@@ -311,81 +323,114 @@ class LocalChat:
     def _force(self, text: str, past: Any) -> tuple[Any, Any]:
         return self._feed(self.tokenizer.encode(text, add_special_tokens=False), past)
 
-    def _string(self, logits: Any, past: Any, max_tokens: int) -> tuple[str, Any, Any]:
-        """Free text up to a closing quote (which the harness writes)."""
+    def _string(self, logits: Any, past: Any, max_tokens: int,
+                first_mask: Any = None) -> tuple[str, Any, Any]:
+        """Free text up to a closing quote (which the harness writes); the generated tokens
+        are in the returned cache, the quote is not."""
         pieces: list[str] = []
         for step in range(max_tokens):
             masked = logits.clone()
             if step == 0:
                 masked[self.stops] = -float("inf")  # at least one real token
+                if first_mask is not None:
+                    masked[first_mask] = -float("inf")
             token = int(masked.argmax())
             if self.stops[token]:
                 cut = self.token_text[token].split('"')[0]
-                if cut and "\n" not in cut and "\\" not in cut and token \
-                        not in self.tokenizer.all_special_ids:
+                if cut and "\n" not in cut and "\\" not in cut and token not in self.special:
                     pieces.append(cut)
                 break
             pieces.append(self.token_text[token])
             logits, past = self._feed([token], past)
         return "".join(pieces).strip(), logits, past
 
-    def _numbers(self, logits: Any, past: Any, n_items: int,
-                 used: set[int]) -> tuple[list[int], Any, Any]:
-        chosen: list[int] = []
-        current = ""
-        for _ in range(self.ITEM_TOKENS):
-            allowed: dict[int, str] = {}
-            for d in range(10):
-                candidate = current + str(d)
-                if candidate[0] == "0":
-                    continue
-                # A prefix is allowed when some unused number in 1..n starts with it.
-                if any(str(x).startswith(candidate) and x not in used and x not in chosen
-                       for x in range(1, n_items + 1)):
-                    allowed[self.digit_ids[d]] = str(d)
-            complete = current and int(current) not in used and int(current) not in chosen
-            if complete:
-                allowed[self.comma_id] = ","
-                allowed[self.close_id] = "]"
-            if not allowed:
-                break
-            ids = list(allowed)
-            token = ids[int(logits[ids].argmax())]
-            if allowed[token] in (",", "]"):
-                chosen.append(int(current))
-                current = ""
-                if allowed[token] == "]":
-                    return chosen, logits, past
-                logits, past = self._force(", ", past)
-            else:
-                current += allowed[token]
-                logits, past = self._feed([token], past)
-        if current and int(current) not in used and int(current) not in chosen:
-            chosen.append(int(current))
-        return chosen, logits, past
+    def _prompt(self, messages: Messages) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def _propose_names(self, messages: Messages, items: Sequence[PromptItem]) -> list[str]:
+        names: list[str] = []
+        titles = [item.title.lower() for item in items]
+        logits, past = self._force(self._prompt(messages) + '{"interests": [{"name": "', None)
+        for _ in range(self.PROPOSED_NAMES):
+            name, logits, past = self._string(logits, past, self.NAME_TOKENS,
+                                              first_mask=self.digit_start)
+            if not name or name.lower() in {n.lower() for n in names}:
+                break  # small models repeat themselves
+            # A listed title or a year is not an interest (the 135M model likes both).
+            if not any(c.isdigit() for c in name) and not any(
+                    t.startswith(name.lower()) or name.lower().startswith(t) for t in titles):
+                names.append(name)
+            logits, past = self._force('"}, {"name": "', past)
+        return names
+
+    def _affinity(self, items: Sequence[PromptItem], names: list[str]) -> Any:
+        """[items, names] log P(name | item), calibrated per name by its mean over this
+        user's items (a name the model likes everywhere must not take every item). Each
+        item's context is run once and its cache shared by the candidate names."""
+        torch = self.torch
+        targets = [self.tokenizer.encode(" " + name, add_special_tokens=False)
+                   for name in names]
+        width = max(map(len, targets))
+        ids = torch.full((len(names), width), self.pad_id)
+        target_mask = torch.zeros((len(names), width), dtype=torch.long)
+        for r, row in enumerate(targets):
+            ids[r, : len(row)] = torch.tensor(row)
+            target_mask[r, : len(row)] = 1
+        scores = torch.zeros(len(items), len(names))
+        for i, item in enumerate(items):
+            prefix = self.tokenizer.encode(f"Item: {item.line()}\nInterest:",
+                                           add_special_tokens=False)
+            out = self.model(input_ids=torch.tensor([prefix]), use_cache=True)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(names))
+            mask = torch.cat([torch.ones((len(names), len(prefix)), dtype=torch.long),
+                              target_mask], dim=1)
+            logits = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                use_cache=True).logits
+            # Position j of a name is predicted by the prefix's last logit (j = 0) or by the
+            # name's own position j - 1.
+            logits = torch.cat([out.logits[:, -1:].expand(len(names), 1, -1), logits[:, :-1]],
+                               dim=1)
+            logp = torch.log_softmax(logits, -1).gather(2, ids[:, :, None])[:, :, 0]
+            scores[i] = (logp * target_mask).sum(1)
+        return scores - scores.mean(dim=0, keepdim=True)
+
+    def _describe(self, name: str, members: Sequence[PromptItem]) -> str:
+        listing = "\n".join(f"- {item.line()}" for item in members)
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": f"These items share the interest \"{name}\":\n"
+                                                f"{listing}\nDescribe this interest in one "
+                                                "sentence, as JSON."}]
+        prefix = json.dumps({"name": name})[:-1] + ', "description": "'
+        logits, past = self._force(self._prompt(messages) + prefix, None)
+        return self._string(logits, past, self.DESCRIPTION_TOKENS)[0] or name
 
     def chat(self, messages: Messages, schema: AnswerSchema) -> str:
+        if not schema.items:
+            raise LLMError("the local backend decodes against the listed items; none given")
         if self.threads:
             self.torch.set_num_threads(self.threads)
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                    tokenize=False)
-        interests: list[dict[str, Any]] = []
-        used: set[int] = set()
+        items = schema.items
+        counts: dict[str, int] = {}
+        for item in items:
+            for cat in item.categories:
+                counts[cat] = counts.get(cat, 0) + 1
         with self.torch.inference_mode():
-            logits, past = self._force(prompt + '{"interests": [', None)
-            while len(interests) < schema.max_interests and len(used) < schema.n_items:
-                logits, past = self._force('{"name": "', past)
-                name, logits, past = self._string(logits, past, self.NAME_TOKENS)
-                logits, past = self._force('", "description": "', past)
-                description, logits, past = self._string(logits, past, self.DESCRIPTION_TOKENS)
-                logits, past = self._force('", "items": [', past)
-                items, logits, past = self._numbers(logits, past, schema.n_items, used)
-                used.update(items)
-                interests.append({"name": name, "description": description, "items": items})
-                logits, past = self._force("}", past)
-                if logits[self.close_id] >= logits[self.comma_id]:
-                    break
-                logits, past = self._force(", ", past)
+            proposed = self._propose_names(messages, items)
+            candidates = list(dict.fromkeys(
+                sorted(counts, key=lambda c: (-counts[c], c))[: self.CATEGORY_CANDIDATES]
+                + proposed))
+            owner = self._affinity(items, candidates).argmax(dim=1).tolist()
+            groups: dict[int, list[int]] = {}
+            for i, c in enumerate(owner):
+                groups.setdefault(c, []).append(i)
+            kept = sorted(groups, key=lambda c: (-len(groups[c]), groups[c][0]))
+            kept = sorted(kept[: schema.max_interests], key=lambda c: groups[c][0])
+            interests = [{"name": candidates[c],
+                          "description": self._describe(candidates[c],
+                                                        [items[i] for i in groups[c]]),
+                          "items": [i + 1 for i in groups[c]]} for c in kept]
         return json.dumps({"interests": interests})
 
 
@@ -452,7 +497,8 @@ class ChatLabeller:
         return answer
 
     def label(self, items: Sequence[PromptItem]) -> list[Interest] | None:
-        schema = AnswerSchema(n_items=len(items), max_interests=self.max_interests)
+        schema = AnswerSchema(n_items=len(items), max_interests=self.max_interests,
+                              items=tuple(items))
         messages = build_messages(items, self.max_interests)
         try:
             text = self._ask(messages, schema)

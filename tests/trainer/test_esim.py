@@ -161,3 +161,38 @@ def test_cli_without_esim_records_null(tmp_path, capsys):
                      str(tmp_path / "run")])
     assert code == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["esim"] is None
+
+
+SYNTHETIC_ARGS = ["train", "--dataset", "synthetic", "--synthetic",
+                  "users=300,items=200,topics=10,min_len=10,max_len=20", "--epochs", "2",
+                  "--eval-every", "10", "--dim", "16", "--no-progress", "--esim",
+                  "--esim-clusters", "2", "--esim-users-per-cluster", "2"]
+
+
+def test_cli_trains_with_an_openai_compatible_endpoint(tmp_path, capsys):
+    from tests.trainer.test_llm import ChatServer
+
+    server = ChatServer()  # answers every prompt with two valid interests
+    try:
+        code = cli_main([*SYNTHETIC_ARGS, "--llm", "openai", "--llm-base-url", server.url,
+                         "--llm-model", "served-model", "--llm-cache", str(tmp_path / "cache"),
+                         "--run-dir", str(tmp_path / "run")])
+        assert code == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert len(server.requests) == 4 and server.requests[0]["model"] == "served-model"
+        llm = report["esim"]["llm"]
+        assert llm["source"] == "llm" and llm["backend"].startswith("openai:served-model@")
+        assert (llm["users"], llm["labelled"], llm["calls"], llm["cached"]) == (4, 4, 4, 0)
+        assert report["esim"]["semantic_interests"] == 8
+    finally:
+        server.close()
+
+
+def test_cli_fails_clearly_when_no_user_can_be_labelled(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LLM_MAX_RETRIES", "0")
+    code = cli_main([*SYNTHETIC_ARGS, "--llm", "openai", "--llm-base-url",
+                     "http://127.0.0.1:9/v1", "--llm-cache", str(tmp_path / "cache"),
+                     "--run-dir", str(tmp_path / "run")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "no typical user could be labelled" in err and "connection failed" in err
