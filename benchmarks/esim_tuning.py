@@ -24,6 +24,8 @@ TRIALS = {
     "warm-up 3 epochs": ["--esim-warmup-epochs", "3"],
     "128 typical users (C=32, m=4)": ["--esim-clusters", "32", "--esim-users-per-cluster", "4"],
     "similarity matching": ["--esim-matching", "similarity"],
+    "beta 1.0 + 128 typical users": ["--esim-beta", "1.0", "--esim-clusters", "32",
+                                     "--esim-users-per-cluster", "4"],
 }
 
 
