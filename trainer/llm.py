@@ -127,6 +127,15 @@ def repair_messages(messages: Messages, answer: str, error: str) -> Messages:
                                         f"JSON only, shaped like {JSON_SHAPE}"}]
 
 
+def frequent_categories(items: Sequence[PromptItem]) -> list[str]:
+    """The items' categories, most frequent first (ties by name)."""
+    counts: dict[str, int] = {}
+    for item in items:
+        for cat in item.categories:
+            counts[cat] = counts.get(cat, 0) + 1
+    return sorted(counts, key=lambda c: (-counts[c], c))
+
+
 _JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 
 
@@ -412,15 +421,10 @@ class LocalChat:
         if self.threads:
             self.torch.set_num_threads(self.threads)
         items = schema.items
-        counts: dict[str, int] = {}
-        for item in items:
-            for cat in item.categories:
-                counts[cat] = counts.get(cat, 0) + 1
         with self.torch.inference_mode():
             proposed = self._propose_names(messages, items)
             candidates = list(dict.fromkeys(
-                sorted(counts, key=lambda c: (-counts[c], c))[: self.CATEGORY_CANDIDATES]
-                + proposed))
+                frequent_categories(items)[: self.CATEGORY_CANDIDATES] + proposed))
             owner = self._affinity(items, candidates).argmax(dim=1).tolist()
             groups: dict[int, list[int]] = {}
             for i, c in enumerate(owner):
@@ -484,6 +488,10 @@ class ChatLabeller:
         self.stats = LabelStats(backend=backend.model_id, source="llm")
         self._lock = threading.Lock()
 
+    @property
+    def concurrency(self) -> int:
+        return self.backend.concurrency
+
     def _ask(self, messages: Messages, schema: AnswerSchema) -> str:
         cached = self.cache.get(self.backend.model_id, messages)
         if cached is not None:
@@ -532,11 +540,7 @@ class MetadataLabeller:
         self.stats = LabelStats(backend="metadata", source=METADATA_SOURCE)
 
     def label(self, items: Sequence[PromptItem]) -> list[Interest] | None:
-        counts: dict[str, int] = {}
-        for item in items:
-            for cat in item.categories:
-                counts[cat] = counts.get(cat, 0) + 1
-        ranked = sorted(counts, key=lambda c: (-counts[c], c))
+        ranked = frequent_categories(items)
         interests: list[Interest] = []
         assigned: set[int] = set()
         for cat in ranked:
@@ -573,7 +577,7 @@ def label_users(labeller: Labeller, users: Sequence[Sequence[PromptItem]],
     line. Returns one entry per user (None = skipped) and the statistics."""
     stats = labeller.stats
     started = time.perf_counter()
-    concurrency = getattr(getattr(labeller, "backend", labeller), "concurrency", 1)
+    concurrency = labeller.concurrency
     bar = tqdm(total=len(users), disable=not progress, desc=f"label {stats.backend}",
                unit="user", dynamic_ncols=True)
 
