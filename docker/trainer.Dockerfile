@@ -25,11 +25,14 @@ USER recsys
 
 # LLM answers for ESIM are cached on the data volume, so the nightly job does not ask twice;
 # model weights come from installed packages, never from a hub.
+# Everything the trainer writes goes to the volumes (/app is root-owned): run directories
+# (checkpoints, metrics) under /data/runs.
 ENV MODELS_DIR=/models \
     MODEL_NAME=recommender \
     DATA_DIR=/data \
+    RUNS_DIR=/data/runs \
     LLM_CACHE_DIR=/data/llm-cache \
     HF_HUB_OFFLINE=1
 
 # The compose file runs either the first training (if the store is empty) or the nightly job.
-CMD ["python", "-m", "trainer", "train", "--dataset", "movielens-small", "--out", "/models", "--if-missing", "--no-progress"]
+CMD ["python", "-m", "trainer", "train", "--dataset", "movielens-small", "--out", "/models", "--if-missing", "--no-progress", "--max-minutes", "4"]

@@ -9,14 +9,19 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import events, ops, recommend
 from service.deps import AppState
 from service.history import (
+    EventLogFull,
     HistoryStore,
     InMemoryHistoryStore,
     RedisHistoryStore,
@@ -82,7 +87,9 @@ async def _no_receive() -> Message:
 
 
 class AccessLog:
-    """Request id (X-Request-ID in and out), latency histogram by route, one JSON log line.
+    """Request id (X-Request-ID in and out), latency histogram by route, one JSON log line,
+    and the last resort for unhandled errors: a 500 that carries the request id (header, body
+    and log line) and keeps the connection open.
 
     Plain ASGI rather than @app.middleware("http"), which costs a task per request.
     """
@@ -95,24 +102,30 @@ class AccessLog:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] \
-            or uuid.uuid4().hex
+        request_id = client_request_id(dict(scope["headers"]).get(b"x-request-id", b""))
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500
+        response_started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, response_started = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"],
-                                      (b"x-request-id", request_id.encode("latin-1"))]
+                                      (b"x-request-id", request_id.encode("ascii"))]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Never a traceback to the client; the log has it, keyed by the request id.
+            log.exception("unhandled error")
+            if response_started:  # too late for an answer: the connection has to go
+                raise
+            await JSONResponse({"detail": "internal error", "request_id": request_id},
+                               status_code=500)(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
@@ -122,6 +135,79 @@ class AccessLog:
                 log.info("request", extra={"method": scope["method"], "path": route,
                                            "status": status, "ms": round(elapsed * 1000, 2)})
             request_id_var.reset(token)
+
+
+def client_request_id(raw: bytes) -> str:
+    """The client's X-Request-ID if it is a short printable ASCII token, else a new one (a
+    request id ends up in headers and logs, so it must be safe in both)."""
+    given = raw.decode("latin-1")
+    if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+def _json_safe(value: Any) -> Any:
+    """A short, JSON-encodable rendering of part of a validation error (or None to drop it)."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if isinstance(value, str):
+        return value if len(value) <= 64 and _encodable(value) else None
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def validation_details(errors: Any) -> list[dict[str, Any]]:
+    """Pydantic errors without what can break or bloat an answer: the input is echoed only
+    when short and encodable (never a 1 MB body, a NaN or a lone surrogate), locations and
+    messages are made encodable."""
+    details = []
+    for error in errors:
+        item: dict[str, Any] = {
+            "type": error.get("type"),
+            "loc": [part if isinstance(part, int) or (isinstance(part, str) and _encodable(part))
+                    else ascii(part) for part in error.get("loc", ())],
+            "msg": str(error.get("msg", ""))[:300].encode("utf-8", "replace").decode(),
+        }
+        shown = _json_safe(error.get("input"))
+        if shown is not None:
+            item["input"] = shown
+        if isinstance(error.get("ctx"), dict):  # e.g. {"max_length": 256}, {"error": "..."}
+            item["ctx"] = {str(k): _json_safe(v) if _json_safe(v) is not None
+                           else str(v)[:200].encode("utf-8", "replace").decode()
+                           for k, v in error["ctx"].items()}
+        details.append(item)
+    return details
+
+
+def _set_limit(prop: dict[str, Any], key: str, value: int) -> None:
+    """Set a JSON-schema limit on a property (on its non-null branch when it is optional)."""
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") != "null":
+            branch[key] = value
+
+
+def schema_with_limits(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The OpenAPI schema with the limits that come from the settings (MAX_K, ...), so that
+    the schema states what the service enforces."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        models = schema["components"]["schemas"]
+        request = models["RecommendRequest"]["properties"]
+        _set_limit(request["k"], "maximum", settings.max_k)
+        _set_limit(request["history"], "maxItems", settings.max_request_history)
+        _set_limit(models["EventBatch"]["properties"]["events"], "maxItems",
+                   settings.max_events_per_request)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -141,6 +227,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.store.stream_stats()  # creates the nightly job's consumer group if missing
         await state.models.refresh()
         if state.models.current is None:
             log.warning("no bundle yet; not ready until one appears",
@@ -156,24 +243,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await watcher
             await state.store.close()
 
-    app = FastAPI(title="EIMF multi-interest recommender", version="1", lifespan=lifespan)
+    # /docs and /redoc with their assets served from the package, so they work offline.
+    app = FastAPIOffline(title="EIMF multi-interest recommender", version="1",
+                         lifespan=lifespan)
     app.state.recsys = state
+    app.openapi = lambda: schema_with_limits(app, settings)  # type: ignore[method-assign]
     app.include_router(recommend.router)
     app.include_router(events.router)
     app.include_router(ops.router)
+
+    # Every error body carries the request id (the X-Request-ID header has it too).
+    def error(detail: Any, status_code: int, headers: dict[str, str] | None = None
+              ) -> JSONResponse:
+        return JSONResponse({"detail": detail, "request_id": request_id_var.get()},
+                            status_code=status_code, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.detail, exc.status_code, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error(validation_details(exc.errors()), 422)
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
         # One place for every route that needs the store; /recommend degrades instead.
         metrics.redis_errors.inc()
-        return JSONResponse({"detail": f"history store unavailable: {exc}"}, status_code=503)
+        return error(f"history store unavailable: {exc}", 503)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        # Never a traceback to the client; the log has it, keyed by the request id.
-        log.exception("unhandled error")
-        return JSONResponse({"detail": "internal error", "request_id": request_id_var.get()},
-                            status_code=500)
+    @app.exception_handler(EventLogFull)
+    async def event_log_full(request: Request, exc: EventLogFull) -> JSONResponse:
+        metrics.events.labels("refused_log_full").inc()
+        return error(str(exc), 503, {"Retry-After": "60"})
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AccessLog, metrics=metrics)  # outermost: sees every response

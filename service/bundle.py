@@ -263,6 +263,11 @@ def load_bundle(path: Path | str, threads: int = 1, verify: bool = True) -> Bund
     outputs = [o.name for o in session.get_outputs()]
     if inputs != [ENCODER_INPUT] or outputs != [ENCODER_OUTPUT]:
         raise BundleError(f"{path / ENCODER}: graph has inputs {inputs} and outputs {outputs}")
+    # The manifest has no checksum of its own: check what it says against the graph.
+    _check_dims(path, "input", session.get_inputs()[0].shape, [None, manifest.maxlen],
+                ["maxlen"])
+    _check_dims(path, "output", session.get_outputs()[0].shape,
+                [None, manifest.interests, manifest.dim], ["interests", "dim"])
     try:
         index = faiss.read_index(str(path / INDEX))
     except RuntimeError as exc:
@@ -284,7 +289,46 @@ def load_bundle(path: Path | str, threads: int = 1, verify: bool = True) -> Bund
         raise BundleError(f"{path / ITEMS}: unreadable id map ({exc})") from exc
     if len(item_ids) != n or len(titles) != n:
         raise BundleError(f"{path / ITEMS}: {len(item_ids)} ids, manifest says {n}")
-    return Bundle(path, manifest, session, index, vectors, item_ids, titles, popularity)
+    bundle = Bundle(path, manifest, session, index, vectors, item_ids, titles, popularity)
+    smoke_test(bundle)
+    return bundle
+
+
+def _check_dims(path: Path, which: str, shape: list[Any], expected: list[int | None],
+                names: list[str]) -> None:
+    """Static dimensions of the encoder's input/output must be what the manifest says
+    (None: any; a symbolic dimension such as "batch" matches anything)."""
+    if len(shape) != len(expected):
+        raise BundleError(f"{path / ENCODER}: {which} has shape {shape}, expected "
+                          f"{len(expected)} dimensions")
+    for got, want, name in zip(shape[1:], expected[1:], names, strict=True):
+        if isinstance(got, int) and got != want:
+            raise BundleError(f"{path / ENCODER}: {which} dimension {got}, but the manifest "
+                              f"says {name}={want}")
+
+
+def smoke_test(bundle: Bundle) -> None:
+    """One inference and one search, as a request would run them, before the bundle may
+    serve: a bundle that loads but cannot answer is refused here, not at the first user."""
+    m = bundle.manifest
+    row = np.zeros((1, m.maxlen), dtype=np.int64)
+    row[0, -min(m.maxlen, m.item_count):] = np.arange(1, min(m.maxlen, m.item_count) + 1)
+    try:
+        interests = bundle.encode(row)
+        if interests.shape != (1, m.interests, m.dim):
+            raise BundleError(f"{bundle.path / ENCODER}: test inference gave shape "
+                              f"{list(interests.shape)}, manifest says "
+                              f"[1, {m.interests}, {m.dim}]")
+        if not np.isfinite(interests).all():
+            raise BundleError(f"{bundle.path / ENCODER}: test inference gave non-finite values")
+        scores, rows = bundle.search(interests[0], min(10, m.item_count))
+    except BundleError:
+        raise
+    except Exception as exc:  # onnxruntime and FAISS raise their own types
+        raise BundleError(f"{bundle.path}: test inference failed ({exc})") from exc
+    if rows.shape != (m.interests, min(10, m.item_count)) or rows.max() >= m.item_count:
+        raise BundleError(f"{bundle.path / INDEX}: test search returned rows outside the "
+                          f"catalogue")
 
 
 def _load_npy(file: Path, shape: tuple[int, ...], dtype: type) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 Both stores keep the same contract: a capped list of item ids per user, most recent last,
 refreshed TTL on every write, idempotent for a repeated event id, and every accepted event
-also appended to a capped event stream that the nightly job trains on.
+also appended to an event stream that the nightly job trains on. The Redis stream is never
+trimmed by the service (the nightly job trims what it has acknowledged); when it is full the
+service refuses new events instead of dropping unread ones.
 """
 
 from __future__ import annotations
@@ -16,13 +18,33 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError, ResponseError
 
 EVENT_STREAM = "recsys:events"  # default Redis Stream of accepted events (the nightly job reads it)
+# The consumer group the nightly job reads the stream through. The service creates it at start so
+# that the group's lag is measurable from the first event; only entries this group has
+# acknowledged are ever trimmed (by the nightly job), so no unread event is dropped.
+EVENT_GROUP = "nightly"
+# Event timestamps are epoch seconds in [0, MAX_TIMESTAMP] (2100-01-01T00:00:00Z): the API refuses
+# others and the nightly job sets aside any stream entry outside the range.
+MAX_TIMESTAMP = 4_102_444_800
 
 
 class StoreUnavailable(RuntimeError):
     """The history store cannot be reached (Redis down); callers degrade or answer 503."""
+
+
+class EventLogFull(RuntimeError):
+    """The event stream holds its maximum of unconsumed entries (the nightly job has not run
+    for a long time): new events are refused, not written over unread ones; answered 503."""
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    length: int  # entries in the event stream
+    lag: int  # entries the nightly job's consumer group has not read yet
 
 
 @dataclass(frozen=True)
@@ -54,10 +76,14 @@ class HistoryStore(Protocol):
 
     async def ping(self) -> bool: ...
 
+    async def stream_stats(self) -> StreamStats | None:
+        """The event stream's length and the nightly group's lag; None if unknown."""
+
     async def close(self) -> None: ...
 
 
-# One round trip per event, atomic: a repeated event id changes nothing.
+# One round trip per event, atomic: a repeated event id changes nothing. The stream is not
+# trimmed here: the nightly job trims what its consumer group has acknowledged.
 _RECORD_SCRIPT = """
 if ARGV[1] ~= '' then
   if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[5]) then return 0 end
@@ -65,7 +91,7 @@ end
 redis.call('RPUSH', KEYS[1], ARGV[2])
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[7])
+redis.call('XADD', KEYS[3], '*', 'event', ARGV[6])
 return 1
 """
 
@@ -75,31 +101,70 @@ class RedisHistoryStore:
 
     def __init__(self, url: str, max_len: int, ttl_seconds: int, stream: str,
                  stream_max_len: int, dedup_ttl_seconds: int) -> None:
-        self.client = aioredis.from_url(url, decode_responses=True, socket_timeout=2,
-                                        socket_connect_timeout=2)
+        # One retry with a short backoff on a dropped connection or a timeout: after a Redis
+        # restart the pooled connections are dead, and the first command on each would fail.
+        # Retrying a recorded event is safe: it carries its event id, so it is stored once.
+        self.client = aioredis.from_url(
+            url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1))
         self.max_len, self.ttl, self.stream = max_len, ttl_seconds, stream
         self.stream_max_len, self.dedup_ttl = stream_max_len, dedup_ttl_seconds
         self.script = self.client.register_script(_RECORD_SCRIPT)
+        self.group_ready = False
 
     @staticmethod
     def history_key(user_id: str) -> str:
         return f"recsys:history:{user_id}"
 
+    async def ensure_group(self) -> None:
+        """Create the nightly job's consumer group (from the stream's start) if missing, so
+        that its lag counts every event from the first one."""
+        if self.group_ready:
+            return
+        try:
+            await self.client.xgroup_create(self.stream, EVENT_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self.group_ready = True
+
     async def record(self, events: list[Event]) -> list[bool]:
         try:
+            # Refuse the whole batch rather than grow the stream past its cap: the client is
+            # told (503) and nothing unread is ever trimmed. Concurrent batches may overshoot
+            # the cap by a batch each; it bounds memory, it is not a count to the entry.
+            if await self.client.xlen(self.stream) + len(events) > self.stream_max_len:
+                raise EventLogFull(
+                    f"event log full: {self.stream} holds its maximum of "
+                    f"{self.stream_max_len} entries not yet consumed by the nightly job; "
+                    "retry later")
             async with self.client.pipeline(transaction=False) as pipe:
                 for e in events:
                     await self.script(
                         keys=[self.history_key(e.user_id), f"recsys:event:{e.event_id}",
                               self.stream],
                         args=[e.event_id, e.item_id, self.max_len, self.ttl, self.dedup_ttl,
-                              self.stream_max_len, json.dumps(e.fields())],
+                              json.dumps(e.fields())],
                         client=pipe,
                     )
                 results = await pipe.execute()
         except RedisError as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
         return [bool(r) for r in results]
+
+    async def stream_stats(self) -> StreamStats | None:
+        try:
+            await self.ensure_group()
+            length = await self.client.xlen(self.stream)
+            groups = await self.client.xinfo_groups(self.stream)
+        except RedisError:
+            return None
+        group = next((g for g in groups if g["name"] == EVENT_GROUP), None)
+        # Redis >= 7 reports the lag; None when it cannot tell (after some trims).
+        lag = group.get("lag") if group else length
+        if lag is None:
+            lag = length - int(group.get("entries-read") or 0) if group else length
+        return StreamStats(length=length, lag=max(0, int(lag)))
 
     async def history(self, user_id: str) -> list[str]:
         try:
@@ -125,7 +190,8 @@ class RedisHistoryStore:
 
 class InMemoryHistoryStore:
     """The same contract in one process (the embedded default, no Redis): histories and the
-    event log live in this process only and are lost when it stops."""
+    event log live in this process only and are lost when it stops. No nightly job reads this
+    log, so it keeps the most recent events only (a bounded deque, never refuses)."""
 
     kind = "memory"
 
@@ -179,6 +245,9 @@ class InMemoryHistoryStore:
 
     async def ping(self) -> bool:
         return True
+
+    async def stream_stats(self) -> StreamStats | None:
+        return None  # no consumer reads this log
 
     async def close(self) -> None:
         return None

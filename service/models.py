@@ -1,7 +1,8 @@
 """The served model: load the newest complete bundle, watch for new versions, swap atomically.
 
 A broken bundle is refused, logged and counted, and the model already serving keeps serving.
-A refused version is not retried until its manifest changes.
+A refused version is not retried until its manifest changes. Deleting the served version's
+directory rolls back: the newest remaining complete version is served.
 """
 
 from __future__ import annotations
@@ -41,10 +42,17 @@ class ModelManager:
         self.last_error: str | None = None
         self.on_reload = on_reload or (lambda result: None)
         self._lock = asyncio.Lock()
+        self._warned_gone = False
+
+    def served_gone(self) -> bool:
+        """The served version's directory (or its manifest) was deleted: a roll-back."""
+        return self.current is not None and \
+            not (self.current.bundle.path / MANIFEST).is_file()
 
     def _candidates(self) -> list[int]:
-        """Complete versions newer than the served one, newest first, not refused as-is."""
-        served = self.current.version if self.current else 0
+        """Complete versions newer than the served one (any, after a roll-back), newest
+        first, not refused as-is."""
+        served = 0 if self.current is None or self.served_gone() else self.current.version
         out = []
         for v in reversed(complete_versions(self.root)):
             if v <= served:
@@ -58,11 +66,21 @@ class ModelManager:
         return out
 
     def _load(self, version: int) -> Recommender:
-        return Recommender(load_bundle(self.root / str(version), threads=self.onnx_threads))
+        bundle = load_bundle(self.root / str(version), threads=self.onnx_threads)
+        if bundle.manifest.version != version:
+            # e.g. `cp -a 1 2` as a manual roll-back: serving it would report version 1 from
+            # directory 2, and the directory would look newer than the served model forever.
+            raise BundleError(
+                f"{bundle.path}: the directory is version {version} but its manifest says "
+                f"version {bundle.manifest.version}; publish with the trainer (or "
+                f"service.bundle.republish) or roll back by deleting newer versions")
+        return Recommender(bundle)
 
     async def refresh(self) -> bool:
-        """Serve the newest loadable version if it is newer; True if the model changed."""
+        """Serve the newest loadable version if it is newer (or any remaining one when the
+        served version was deleted); True if the model changed."""
         async with self._lock:
+            gone = self.served_gone()
             for version in self._candidates():
                 path = self.root / str(version)
                 try:
@@ -80,9 +98,16 @@ class ModelManager:
                 previous = self.current.version if self.current else None
                 faiss.omp_set_num_threads(search_threads(self.faiss_threads, loaded))
                 self.current = loaded  # the swap: one reference assignment
+                self._warned_gone = False
                 self.on_reload("success")
-                log.info("serving bundle", extra={"bundle": str(path), "previous": previous})
+                log.info("serving bundle", extra={"bundle": str(path), "previous": previous,
+                                                  "rolled_back": gone})
                 return True
+            if gone and not self._warned_gone:
+                self._warned_gone = True
+                log.warning("the served bundle was deleted and no other complete version "
+                            "loads; still serving it from memory",
+                            extra={"bundle": str(self.current.bundle.path)})
             return False
 
     async def watch(self, interval: float) -> None:

@@ -65,3 +65,9 @@ class Metrics:
         self.redis_errors = Counter(
             "recsys_redis_errors_total", "history store errors", registry=r)
         self.model_version = Gauge("recsys_model_version", "served bundle version", registry=r)
+        # Set when /metrics is scraped (Redis store only).
+        self.event_stream_length = Gauge(
+            "recsys_event_stream_length", "entries in the event stream", registry=r)
+        self.event_stream_lag = Gauge(
+            "recsys_event_stream_lag", "event stream entries the nightly job has not read yet",
+            registry=r)

@@ -2,16 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from fastapi import Path
+from fastapi.exceptions import RequestValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 
-# Ids are strings; JSON numbers are accepted and turned into strings ("42").
-Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
+from service.history import MAX_TIMESTAMP
+
+MAX_ID_LENGTH = 256
+# One rule for every id, in bodies and in paths, stated in the OpenAPI schema as a pattern and
+# checked with it: kept as given (never stripped), no whitespace at either end, no control
+# characters (C0, DEL, C1). U+FEFF is listed because ECMA's \s (the schema's) has it and
+# Python's does not; otherwise the two agree.
+_CONTROL = r"\x00-\x1f\x7f-\x9f"
+ID_PATTERN = rf"^[^\s\ufeff{_CONTROL}](?:[^{_CONTROL}]*[^\s\ufeff{_CONTROL}])?$"
+_ID_RE = re.compile(ID_PATTERN)
+_CONTROL_RE = re.compile(f"[{_CONTROL}]")
+
+
+def check_id(value: str) -> str:
+    """The id rule, with a message that says which part failed."""
+    if not _ID_RE.match(value):
+        if _CONTROL_RE.search(value):
+            raise ValueError("must not contain control characters")
+        raise ValueError("must not start or end with whitespace")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate cannot be stored in Redis or sent as UTF-8
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+# Ids are JSON strings (strict: 42 is refused, "42" is the id), 1..256 characters.
+Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH,
+                                json_schema_extra={"pattern": ID_PATTERN}),
+               AfterValidator(check_id)]
+# A user id in a URL path ({user_id:anyid}, so that ids holding "/" can be read back).
+UserIdPath = Annotated[Id, Path(description="the user id (may contain '/')")]
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    # strict: the types the OpenAPI schema states, no coercion ("5" is not an integer).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RecommendRequest(Body):
@@ -54,8 +88,10 @@ class RecommendResponse(BaseModel):
 class EventIn(Body):
     user_id: Id
     item_id: Id
-    timestamp: float | None = Field(None, ge=0, description="epoch seconds (default: now)")
-    event_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = Field(
+    timestamp: float | None = Field(
+        None, ge=0, le=MAX_TIMESTAMP, allow_inf_nan=False,
+        description="epoch seconds, 0..4102444800 (until 2100; default: now)")
+    event_id: Annotated[Id, Field(max_length=128)] | None = Field(
         None, description="repeating an event id records it once")
 
 
@@ -76,3 +112,28 @@ class HistoryResponse(BaseModel):
 class DeleteResponse(BaseModel):
     user_id: str
     deleted: bool
+
+
+class ErrorResponse(BaseModel):
+    detail: str | list[dict[str, Any]] = Field(
+        description="what was wrong; for 422 a list of {loc, msg, type} per field")
+    request_id: str | None = Field(description="the answer's X-Request-ID")
+
+
+# Answers every data route may give besides its own (documented in the OpenAPI schema).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "the body is not valid UTF-8 JSON"},
+    401: {"model": ErrorResponse, "description": "API_KEY is set and the key is missing or wrong"},
+    413: {"model": ErrorResponse, "description": "the body is over MAX_BODY_BYTES"},
+    503: {"model": ErrorResponse,
+          "description": "no model loaded yet, the history store is unreachable, or the event "
+                         "log is full; retry later"},
+}
+
+
+def invalid(field: tuple[str | int, ...], message: str, value: Any,
+            kind: str = "value_error") -> RequestValidationError:
+    """A 422 for a limit that lives in the settings (so not in the schema), shaped like every
+    other 422: detail is a list of {loc, msg, type}."""
+    return RequestValidationError([{"type": kind, "loc": ("body", *field), "msg": message,
+                                    "input": value}])

@@ -25,7 +25,9 @@ class Settings(BaseSettings):
     history_max_len: int = Field(200, ge=1, description="items kept per user")
     history_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, description="idle users expire")
     event_stream: str = EVENT_STREAM
-    event_stream_max_len: int = Field(1_000_000, ge=1000)
+    event_stream_max_len: int = Field(
+        1_000_000, ge=1, description="unconsumed events the stream may hold; then /events "
+                                     "answers 503 (nothing is trimmed unread)")
     event_dedup_ttl_seconds: int = Field(7 * 24 * 3600, ge=1)
 
     default_k: int = Field(20, ge=1)

@@ -44,7 +44,7 @@ def test_compose_services_volumes_and_healthchecks(compose):
     assert api["build"]["dockerfile"] == "docker/service.Dockerfile"
     assert "models:/models:ro" in api["volumes"]
     assert any("/readyz" in part for part in api["healthcheck"]["test"])
-    assert "8000:8000" in api["ports"]
+    assert "${API_PORT:-8000}:8000" in api["ports"]
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
     assert api["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
     assert api["environment"]["REDIS_URL"] == "redis://redis:6379/0"
@@ -62,9 +62,13 @@ def test_compose_commands_are_accepted_by_the_trainer_cli(compose):
     args = parser.parse_args(train[3:])
     assert args.command == "train" and args.if_missing and str(args.out) == "/models"
 
+    # The scheduler must be PID 1 (exec), or SIGTERM goes to a shell that ignores it.
     loop = compose["services"]["nightly"]["command"][-1]
-    nightly = re.search(r"python -m trainer (nightly[^|;]*)", loop).group(1)
-    assert parser.parse_args(shlex.split(nightly)).command == "nightly"
+    assert loop.startswith("exec python -m trainer nightly ")
+    nightly = loop.removeprefix("exec python -m trainer ").replace(
+        "$${NIGHTLY_INTERVAL_SECONDS}", "86400")
+    args = parser.parse_args(shlex.split(nightly))
+    assert args.command == "nightly" and args.every == 86400
 
 
 def test_compose_environment_is_valid_service_settings(compose):

@@ -2,13 +2,16 @@
 
 The last line `train` and `evaluate` print on stdout is one JSON object of metrics (with
 MostPop's beside them); the same object is written to metrics.json in the run directory.
+`nightly --every SECONDS` prints one JSON line per cycle instead, until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -25,7 +28,7 @@ from service.bundle import (
     load_bundle,
     read_manifest,
 )
-from service.history import EVENT_STREAM
+from service.history import EVENT_GROUP, EVENT_STREAM
 from trainer.config import BACKBONES, LLM_BACKENDS, LOSSES, MATCHING_RULES, TrainConfig
 from trainer.data import FORMATS, DataError
 from trainer.dataset import SequenceDataset, build_dataset
@@ -34,13 +37,16 @@ from trainer.evaluate import evaluate_encoder, most_popular
 from trainer.export import INDEX_KINDS, ExportError, publish_bundle
 from trainer.llm import LLMError, LLMSettings
 from trainer.nets import build_encoder
-from trainer.nightly import LockHeld, NightlyError, NightlyOptions, run_nightly
+from trainer.nightly import LockHeld, NightlyError, NightlyOptions, run_every, run_nightly
 from trainer.specs import BUILTIN_DATASETS, data_spec, load_spec
 from trainer.train import evaluate_model, train
 
 log = logging.getLogger("trainer")
 
 CHECKPOINT_FORMAT = 1
+# Parent of the default run directories; a container's working directory is often not
+# writable by its (non-root) user, so it can be pointed elsewhere.
+RUNS_DIR_ENV = "RUNS_DIR"
 
 
 def peak_rss_mb() -> float:
@@ -75,10 +81,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     dataset = build_dataset(raw, min_item_count=cfg.min_item_count,
                             min_user_count=cfg.min_user_count, split_seed=cfg.split_seed)
     log.info("dataset %s", json.dumps(dataset.describe()))
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
+    run_dir = Path(args.run_dir) if args.run_dir else runs_root() / (
         f"{dataset.name}-{cfg.backbone}-k{cfg.interests}-seed{cfg.seed}"
         + (f"-esim-{cfg.llm}" if cfg.esim else ""))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir)  # before training, so a bad location fails in seconds, not hours
     llm_settings = LLMSettings(**{k: v for k, v in (
         ("base_url", args.llm_base_url), ("model", args.llm_model),
         ("cache_dir", args.llm_cache)) if v is not None})
@@ -97,6 +103,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         "train": {
             "loss": result.loss_mode, "steps": result.steps, "epochs": round(result.epochs, 2),
             "best_step": result.best_step, "stopped_by": result.stopped_by,
+            "selection_metric": result.selection_metric,
             "seconds": round(result.seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
         },
         # ESIM settings, typical users and LLM statistics (source "metadata (...)" when no
@@ -119,6 +126,21 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     (run_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     log.info("wrote %s", run_dir)
     return report
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get(RUNS_DIR_ENV) or "runs")
+
+
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run directory or fail with a usable message (not a traceback)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir, os.W_OK | os.X_OK):  # exists, but belongs to someone else
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(run_dir))
+    except OSError as exc:
+        raise DataError(f"{run_dir}: cannot create the run directory ({exc}); set --run-dir or "
+                        f"{RUNS_DIR_ENV} to a writable place") from exc
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], SequenceDataset, torch.nn.Module]:
@@ -211,17 +233,36 @@ def add_publish_options(parser: argparse.ArgumentParser, required: bool) -> None
                         help="FAISS index kind (auto: exact up to 100k items, IVF above)")
 
 
-def cmd_nightly(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_nightly(args: argparse.Namespace) -> dict[str, Any] | None:
     overrides: dict[str, Any] = {}
     if args.epochs is not None:
         overrides["max_epochs"] = args.epochs
     if args.max_minutes is not None:
         overrides["max_minutes"] = args.max_minutes
-    return run_nightly(NightlyOptions(
+    opts = NightlyOptions(
         redis_url=args.redis_url, stream=args.stream, group=args.group,
         data_dir=Path(args.data_dir), models_dir=Path(args.models), name=args.name,
         tolerance=args.tolerance, train_overrides=overrides,
-        crash_after_persist=args.crash_after_persist, progress=not args.no_progress))
+        crash_after_persist=args.crash_after_persist, progress=not args.no_progress)
+    if args.every is None:
+        return run_nightly(opts)
+    run_every(opts, args.every, print_line)  # returns only when SIGTERM or SIGINT stops it
+    return None
+
+
+def print_line(report: dict[str, Any]) -> None:
+    # Flushed: stdout is a pipe under a container runtime, and a cycle may be a day apart.
+    print(json.dumps(report, separators=(",", ":"), default=str), flush=True)
+
+
+def interval_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split-seed", type=int, default=defaults.split_seed)
     t.add_argument("--threads", type=int, default=defaults.threads)
     t.add_argument("--run-dir", type=Path,
-                   help="checkpoint + metrics directory (default runs/<dataset>-<backbone>-..)")
+                   help="checkpoint + metrics directory (default $RUNS_DIR/<dataset>-"
+                        "<backbone>-.., RUNS_DIR defaulting to runs)")
     g = t.add_argument_group("ESIM (LLM-named interests of typical users, training only)")
     g.add_argument("--esim", action="store_true", help="add the ESIM losses after a warm-up")
     g.add_argument("--llm", choices=LLM_BACKENDS, default=defaults.llm,
@@ -290,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("nightly", help="ingest new events, retrain, gate, publish")
     n.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     n.add_argument("--stream", default=os.environ.get("EVENT_STREAM", EVENT_STREAM))
-    n.add_argument("--group", default="nightly", help="Redis consumer group")
+    n.add_argument("--group", default=EVENT_GROUP, help="Redis consumer group")
     n.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"),
                    help="event partitions, reports and the lock")
     n.add_argument("--models", default=os.environ.get("MODELS_DIR", "models"))
@@ -300,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--epochs", type=int, help="override the served model's max epochs")
     n.add_argument("--max-minutes", type=float, help="override the training time cap")
     n.add_argument("--no-progress", action="store_true")
+    # Only the flag makes it loop (not an environment variable): `docker compose exec nightly
+    # python -m trainer nightly` in the scheduler's own container must run one cycle and end.
+    n.add_argument("--every", type=interval_seconds, metavar="SECONDS",
+                   help="keep running: sleep SECONDS, run a cycle, repeat, until SIGTERM/SIGINT "
+                        "(default: run once)")
     n.add_argument("--crash-after-persist", action="store_true", help=argparse.SUPPRESS)
     n.set_defaults(func=cmd_nightly)
 
@@ -330,5 +377,6 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, BundleError, ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(report, separators=(",", ":")))
+    if report is not None:  # None: `nightly --every` printed its reports as it went
+        print(json.dumps(report, separators=(",", ":")))
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import faiss
 import numpy as np
@@ -41,9 +41,10 @@ def encode_all(encode: Encoder, histories: np.ndarray, batch_size: int = 1024) -
                            for i in range(0, len(histories), batch_size)])
 
 
-def evaluate_encoder(encode: Encoder, search: Search, split: EvalSplit) -> dict[str, float]:
+def evaluate_encoder(encode: Encoder, search: Search, split: EvalSplit,
+                     cutoffs: Sequence[int] = CUTOFFS) -> dict[str, float]:
     interests = encode_all(encode, split.histories)
-    return aggregate(retrieve(interests, search, max(CUTOFFS)), split.targets)
+    return aggregate(retrieve(interests, search, max(cutoffs)), split.targets, cutoffs)
 
 
 def most_popular(dataset: SequenceDataset, split: EvalSplit) -> dict[str, float]:

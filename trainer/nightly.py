@@ -6,12 +6,19 @@
    as a Parquet partition named after its first and last stream ids (write to a temporary
    file, fsync, rename) and only then acknowledged. A crash in between leaves the entries
    pending; the rerun reads the same ids again and the loader keeps one row per stream id, so
-   nothing is lost and nothing is duplicated.
+   nothing is lost and nothing is duplicated. A malformed entry is set aside in
+   malformed/<first>-<last>.jsonl (with the reason) and acknowledged like the others, so it
+   never blocks the job. After each acknowledgement the stream is trimmed up to the oldest
+   entry the group has not acknowledged (the service appends without a length cap).
 3. Retrain with the served model's configuration on its base data plus every persisted event.
 4. Evaluate the candidate and the served bundle through the serving code path on the same
    held-out users of the new data; publish the candidate only if its Recall@50 is not worse
    than the served one's by more than the tolerance. The decision and both metric sets go to
    a report.
+
+`run_every` repeats the job on an interval as a long-running process (a container's PID 1):
+SIGTERM or SIGINT stops it at once while it sleeps, and abandons a cycle in progress (every
+step above is safe to interrupt and redo).
 """
 
 from __future__ import annotations
@@ -19,10 +26,12 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
+import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +42,7 @@ import pandas as pd
 import redis
 
 from service import bundle as fmt
+from service.history import MAX_TIMESTAMP
 from service.recommender import Recommender
 from trainer.config import TrainConfig
 from trainer.data import EVENT_COLUMNS
@@ -54,6 +64,19 @@ class NightlyError(RuntimeError):
 
 class LockHeld(NightlyError):
     pass
+
+
+class Interrupted(BaseException):
+    """Raised by `run_every`'s signal handler. A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` on the way (cleanup code, libraries) swallows the stop."""
+
+    def __init__(self, signum: int) -> None:
+        self.signame = signal.Signals(signum).name
+        super().__init__(self.signame)
+
+
+class Malformed(ValueError):
+    """A stream entry that is not a valid event; the message is the reason."""
 
 
 @dataclass
@@ -95,8 +118,10 @@ class RunLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+        finally:
+            self.fh.close()  # closing releases the lock too, whatever happened above
 
 
 # --- events: stream -> parquet -----------------------------------------------------------------
@@ -116,9 +141,9 @@ def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
 
 
 def read_batches(client: redis.Redis, stream: str, group: str, consumer: str,
-                 count: int) -> Iterator[list[tuple[str, dict | None]]]:
+                 count: int) -> Iterator[list[tuple[bytes, dict | None]]]:
     """This consumer's pending entries first (from a run that died), then new ones."""
-    start = "0"
+    start: str | bytes = "0"
     while True:
         reply = client.xreadgroup(group, consumer, {stream: start}, count=count)
         entries = reply[0][1] if reply else []
@@ -134,51 +159,190 @@ def read_batches(client: redis.Redis, stream: str, group: str, consumer: str,
         yield entries
 
 
-def parse_entries(entries: list[tuple[str, dict | None]]) -> tuple[pd.DataFrame, int]:
-    rows, bad = [], 0
-    for stream_id, fields in entries:
+def as_text(value: bytes | str) -> str:
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
+
+
+def _id_field(event: dict[str, Any], name: str) -> str:
+    if name not in event:
+        raise Malformed(f"no {name}")
+    value = event[name]
+    if not isinstance(value, str):
+        raise Malformed(f"{name}: a string expected, got {type(value).__name__}")
+    if not value.strip():
+        raise Malformed(f"{name}: empty")
+    try:
+        value.encode("utf-8")  # a JSON escape can make a lone surrogate, which Parquet refuses
+    except UnicodeEncodeError as exc:
+        raise Malformed(f"{name}: not valid Unicode") from exc
+    return value
+
+
+def _timestamp(event: dict[str, Any]) -> int:
+    if "timestamp" not in event:
+        raise Malformed("no timestamp")
+    raw = event["timestamp"]
+    # The service writes repr(float); numbers are accepted too, booleans are not.
+    if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+        raise Malformed(f"timestamp: a number expected, got {type(raw).__name__}")
+    try:
+        value = float(raw)
+    except OverflowError as exc:  # an integer beyond any float
+        raise Malformed(f"timestamp: outside [0, {MAX_TIMESTAMP}]") from exc
+    except ValueError as exc:
+        raise Malformed(f"timestamp: not a number ({str(raw)[:40]!r})") from exc
+    if not (math.isfinite(value) and 0 <= value <= MAX_TIMESTAMP):
+        raise Malformed(f"timestamp: {value!r} is outside [0, {MAX_TIMESTAMP}]")
+    return int(value)
+
+
+def parse_entry(fields: dict[bytes, bytes] | None) -> tuple[str, str, str, int]:
+    """(event_id, user_id, item_id, timestamp) of one stream entry, or Malformed(reason)."""
+    if not isinstance(fields, dict | None):
+        raise Malformed(f"fields: a mapping expected, got {type(fields).__name__}")
+    if not fields:  # nil (redis-py: None or {}) for an entry deleted while pending
+        raise Malformed("no fields (the entry was deleted or trimmed while pending)")
+    raw = fields.get(b"event", fields.get("event"))
+    if raw is None:
+        raise Malformed("no 'event' field")
+    try:
+        body = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError as exc:
+        raise Malformed("event: not UTF-8") from exc
+    try:
+        event = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise Malformed(f"event: not JSON ({exc})") from exc
+    if not isinstance(event, dict):
+        raise Malformed(f"event: a JSON object expected, got {type(event).__name__}")
+    return (_id_field(event, "event_id"), _id_field(event, "user_id"),
+            _id_field(event, "item_id"), _timestamp(event))
+
+
+def parse_entries(entries: list[tuple[bytes | str, dict | None]]
+                  ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """The valid events as a frame, and one record per malformed entry (never an exception:
+    one bad entry must not block the stream)."""
+    rows, bad = [], []
+    for raw_id, fields in entries:
+        stream_id = as_text(raw_id)
         try:
-            event = json.loads(fields["event"])  # fields is None for a trimmed entry
-            rows.append((stream_id, str(event["event_id"]), str(event["user_id"]),
-                         str(event["item_id"]), int(float(event["timestamp"]))))
-        except (TypeError, KeyError, ValueError):
-            bad += 1
+            rows.append((stream_id, *parse_entry(fields)))
+        except Exception as exc:  # whatever is wrong with it, the entry is set aside
+            reason = str(exc) if isinstance(exc, Malformed) else f"{type(exc).__name__}: {exc}"
+            shown = ({as_text(k): as_text(v) for k, v in fields.items()}
+                     if isinstance(fields, dict) and fields else None)
+            bad.append({"stream_id": stream_id, "fields": shown, "reason": reason})
     frame = pd.DataFrame(rows, columns=list(EVENT_COLUMNS))
     return frame.astype({"timestamp": "int64"}), bad
 
 
-def write_partition(frame: pd.DataFrame, directory: Path, first: str, last: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"part-{first.replace('-', '_')}-{last.replace('-', '_')}.parquet"
-    tmp = path.with_suffix(".tmp")
-    frame.to_parquet(tmp, index=False)
+def _file_stem(first: str, last: str) -> str:
+    return f"{first.replace('-', '_')}-{last.replace('-', '_')}"
+
+
+def _durable_replace(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, rename it to `path`, fsync the directory: all or nothing, and it stays."""
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(directory, os.O_RDONLY)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_partition(frame: pd.DataFrame, directory: Path, first: str, last: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"part-{_file_stem(first, last)}.parquet"
+    tmp = path.with_suffix(".tmp")
+    frame.to_parquet(tmp, index=False)
+    _durable_replace(tmp, path)
     return path
 
 
-def ingest(opts: NightlyOptions) -> dict[str, int]:
-    client = redis.Redis.from_url(opts.redis_url, decode_responses=True)
+def write_malformed(records: list[dict[str, Any]], directory: Path, first: str,
+                    last: str) -> Path:
+    """The batch's malformed entries as JSON lines, for a person to look at. Written whole
+    (a batch read again after a crash rewrites its file instead of doubling it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{_file_stem(first, last)}.jsonl"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records),
+                   encoding="utf-8")
+    _durable_replace(tmp, path)
+    return path
+
+
+def next_stream_id(stream_id: str) -> str:
+    ms, _, seq = stream_id.partition("-")
+    if int(seq or 0) < 2**64 - 1:
+        return f"{int(ms)}-{int(seq or 0) + 1}"
+    return f"{int(ms) + 1}-0"
+
+
+def oldest_unacknowledged(client: redis.Redis, stream: str, group: str) -> str | None:
+    """The id of the oldest entry `group` has not acknowledged (it may not exist yet): the
+    smallest pending id, else the one after the last delivered. None if the stream or the
+    group does not exist."""
+    try:
+        # One transaction: the group's position and its pending list from the same moment.
+        with client.pipeline(transaction=True) as pipe:
+            pipe.xinfo_groups(stream)
+            pipe.xpending(stream, group)
+            groups, pending = pipe.execute()
+    except redis.ResponseError:  # no such stream, or no such group
+        return None
+    last = next((g["last-delivered-id"] for g in groups if as_text(g["name"]) == group), None)
+    if last is None:
+        return None
+    if pending["pending"]:
+        return as_text(pending["min"])
+    return next_stream_id(as_text(last))
+
+
+def trim_acknowledged(client: redis.Redis, stream: str, group: str) -> int:
+    """Delete the entries the group has acknowledged (nothing if the group does not exist).
+    Entries added meanwhile have larger ids than the bound and stay."""
+    bound = oldest_unacknowledged(client, stream, group)
+    if bound is None:
+        return 0
+    return int(client.xtrim(stream, minid=bound, approximate=False))
+
+
+def malformed_dir(data_dir: Path) -> Path:
+    return data_dir / "malformed"
+
+
+def ingest(opts: NightlyOptions) -> dict[str, Any]:
+    # Raw bytes: one entry that is not UTF-8 must not make every read fail.
+    client = redis.Redis.from_url(opts.redis_url, decode_responses=False)
     try:
         ensure_group(client, opts.stream, opts.group)
-        stats = {"events": 0, "malformed": 0, "partitions": 0}
+        stats: dict[str, Any] = {"events": 0, "malformed": 0, "partitions": 0, "trimmed": 0,
+                                 "malformed_files": []}
+        batches = 0
         for entries in read_batches(client, opts.stream, opts.group, "nightly", opts.batch_size):
             frame, bad = parse_entries(entries)
-            ids = [stream_id for stream_id, _ in entries]
+            ids = [as_text(stream_id) for stream_id, _ in entries]
             if len(frame):
                 write_partition(frame, events_dir(opts.data_dir), ids[0], ids[-1])
                 stats["partitions"] += 1
+            if bad:
+                path = write_malformed(bad, malformed_dir(opts.data_dir), ids[0], ids[-1])
+                stats["malformed_files"].append(str(path))
+                log.warning("nightly: %d malformed stream entries set aside in %s (first: %s)",
+                            len(bad), path, bad[0]["reason"])
             if opts.crash_after_persist:
                 os._exit(86)  # the test hook: persisted, not acknowledged
             client.xack(opts.stream, opts.group, *ids)
             stats["events"] += len(frame)
-            stats["malformed"] += bad
+            stats["malformed"] += len(bad)
+            stats["trimmed"] += trim_acknowledged(client, opts.stream, opts.group)
+            batches += 1
+        if not batches:  # still trim what a previous run acknowledged but did not trim
+            stats["trimmed"] += trim_acknowledged(client, opts.stream, opts.group)
         return stats
     except redis.RedisError as exc:
         raise NightlyError(f"redis ({opts.redis_url}): {exc}") from exc
@@ -265,3 +429,62 @@ def finish(report: dict[str, Any], opts: NightlyOptions, started: float) -> dict
     log.info("nightly: %s (report %s)", report["decision"], path)
     return report
 
+
+
+# --- the scheduler ------------------------------------------------------------------------------
+
+
+def run_cycle(opts: NightlyOptions) -> dict[str, Any]:
+    """One nightly run for the scheduler: a failure is logged and reported, not raised."""
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    try:
+        return run_nightly(opts)
+    except Exception as exc:  # the loop must outlive any one bad night
+        expected = isinstance(exc, NightlyError | ValueError | OSError)
+        log.error("nightly cycle failed: %s", exc, exc_info=not expected)
+        return {"started": started, "decision": "failed", "error": f"{exc}"}
+
+
+def run_every(opts: NightlyOptions, every: float,
+              emit: Callable[[dict[str, Any]], None]) -> None:
+    """Sleep `every` seconds, run a cycle, emit its report, repeat; return on SIGTERM/SIGINT.
+
+    The handlers raise Interrupted wherever the main thread is: a sleep ends at once, and a
+    cycle is abandoned where it stands. That is safe because every step of a cycle is: the
+    lock is a context manager (and the OS releases it with the process anyway), an event
+    batch is persisted before it is acknowledged (an unacknowledged one is read again), and a
+    bundle appears by one atomic rename or not at all."""
+    phase = "starting"
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if stopping:  # a second signal must not break the cleanup of the first
+            log.info("nightly: %s again; already stopping", signal.Signals(signum).name)
+            return
+        stopping = True
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        log.info("nightly: a cycle every %gs until SIGTERM or SIGINT; the first in %gs",
+                 every, every)
+        while True:
+            phase = "sleeping"
+            deadline = time.monotonic() + every
+            while (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(left, 3600.0))  # time.sleep overflows past ~292 years
+            phase = "cycle"
+            report = run_cycle(opts)
+            phase = "reporting"
+            emit(report)
+            log.info("nightly cycle: %s; the next in %gs", report.get("decision"), every)
+    except Interrupted as exc:
+        if phase == "cycle":
+            log.warning("nightly: cycle interrupted by %s; it will be redone at the next run "
+                        "(events it ingested are kept, no bundle is half-published)", exc.signame)
+        else:
+            log.info("nightly: stopped by %s", exc.signame)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,5 +1,6 @@
 """One training loop for every backbone: sampled (or full) softmax, early stopping on
-validation Recall@50, deterministic for a seed."""
+validation Recall@N (N = 50 unless the catalogue is too small for it), deterministic for a
+seed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from trainer.config import FULL_SOFTMAX_MAX_ITEMS, TrainConfig
 from trainer.dataset import EvalSplit, SequenceDataset
 from trainer.evaluate import evaluate_encoder, exact_search
+from trainer.metrics import CUTOFFS
 from trainer.nets import MultiInterestEncoder, Negatives, build_encoder
 
 if TYPE_CHECKING:  # ESIM's imports (transformers, LLM clients) stay out of plain training
@@ -29,7 +31,46 @@ EsimSetup = Callable[[MultiInterestEncoder], "tuple[EsimObjective, dict[str, Any
 
 log = logging.getLogger(__name__)
 
+# The selection metric on a catalogue large enough for it (see selection_cutoff).
 SELECTION_METRIC = "recall@50"
+# How often (steps) the progress bar's total and postfix are refreshed between evaluations.
+PROGRESS_EVERY = 20
+
+
+def selection_cutoff(n_items: int) -> int:
+    """N of the Recall@N that selects the model: the largest standard cut-off that is at most
+    10% of the catalogue, else a tenth of it. Recall@50 over 50 items is 1.0 for any model, so
+    selecting on it would silently keep the first evaluated weights."""
+    fitting = [n for n in CUTOFFS if 10 * n <= n_items]
+    return max(fitting) if fitting else max(1, n_items // 10)
+
+
+def selection_metric(n_items: int) -> str:
+    return f"recall@{selection_cutoff(n_items)}"
+
+
+def early_stop_step(step: int, best_step: int | None, eval_every: int, patience: int,
+                    esim_start: int | None = None) -> int:
+    """The step at which early stopping ends training if validation never improves again.
+
+    `best_step` is the step of the best evaluation so far (None before the first). The next
+    evaluation becomes the best when there is none yet; with ESIM only evaluations after its
+    start count (selection restarts there)."""
+    if best_step is None or (esim_start is not None and best_step <= esim_start):
+        after = step if esim_start is None else max(step, esim_start)
+        best_step = (after // eval_every + 1) * eval_every
+    return best_step + patience * eval_every
+
+
+def projected_total_steps(step: int, best_step: int | None, *, max_steps: int, eval_every: int,
+                          patience: int, esim_start: int | None = None, elapsed_s: float = 0.0,
+                          max_minutes: float = math.inf) -> int:
+    """Where training will stop if validation does not improve any more: the first of the
+    epoch budget, early stopping, and the time cap at the rate measured so far."""
+    total = min(max_steps, early_stop_step(step, best_step, eval_every, patience, esim_start))
+    if step > 0 and elapsed_s > 0 and math.isfinite(max_minutes):
+        total = min(total, math.ceil(max_minutes * 60 * step / elapsed_s))
+    return max(total, step)
 
 
 class LogUniformSampler:
@@ -65,6 +106,7 @@ class TrainResult:
     loss_mode: str
     curve: list[dict[str, float]] = field(default_factory=list)
     esim: dict[str, Any] | None = None  # ESIM report (typical users, labels, LLM statistics)
+    selection_metric: str = SELECTION_METRIC  # the validation metric that chose the model
 
 
 def encode_numpy(model: MultiInterestEncoder):
@@ -82,11 +124,12 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def evaluate_model(model: MultiInterestEncoder, split: EvalSplit) -> dict[str, float]:
+def evaluate_model(model: MultiInterestEncoder, split: EvalSplit,
+                   cutoffs: Sequence[int] = CUTOFFS) -> dict[str, float]:
     model.eval()
     with torch.no_grad():
         items = model.item_vectors().numpy()
-    return evaluate_encoder(encode_numpy(model), exact_search(items), split)
+    return evaluate_encoder(encode_numpy(model), exact_search(items), split, cutoffs)
 
 
 def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
@@ -128,84 +171,122 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
         raise ValueError(f"the ESIM warm-up ({cfg.esim_warmup_epochs} epochs) is longer than "
                          f"training ({cfg.max_epochs} epochs)")
     esim_parts: dict[str, float] = {}
-    total_steps = steps_per_epoch * cfg.max_epochs
+    max_steps = steps_per_epoch * cfg.max_epochs
+    cutoff = selection_cutoff(dataset.n_items)
+    metric = selection_metric(dataset.n_items)
+    cutoffs = tuple(sorted({*CUTOFFS, cutoff}))  # the selection cut-off is evaluated too
+    if metric != SELECTION_METRIC:
+        log.warning("the catalogue has %d items: %s cannot tell models apart on it; the model is "
+                    "selected on validation %s instead", dataset.n_items, SELECTION_METRIC, metric)
     best_metric, best_state, best_valid, best_step = -1.0, None, {}, 0
+    # The best evaluation since selection (re)started, for the progress projection.
+    selected_step: int | None = None
     bad_evals, step, stopped_by = 0, 0, "max_epochs"
     curve: list[dict[str, float]] = []
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, disable=not progress, desc=f"train {cfg.backbone}",
-               unit="step", dynamic_ncols=True)
-    running = None
-    for _epoch in range(cfg.max_epochs):
-        order = rng.permutation(len(users))
-        for lo in range(0, len(order), cfg.batch_size):
-            batch = order[lo : lo + cfg.batch_size]
-            histories = torch.from_numpy(
-                dataset.histories(users[batch], positions[batch], cfg.maxlen))
-            targets = torch.from_numpy(targets_all[batch])
-            negatives = None
-            if sampler is not None:
-                count = cfg.negatives_per_example * cfg.batch_size
-                negatives = sampler.sample(count, targets, generator)
-            if step == esim_start:
-                esim_objective, esim_report = esim_setup(model)
-                optimisers.append(torch.optim.Adam(esim_objective.parameters(), lr=cfg.lr))
-                esim_report["start_step"] = step
-                esim_report["warmup_valid"] = evaluate_model(model, valid)
-                # The model must be chosen among ESIM-trained states, or ESIM could be a no-op.
-                best_metric, best_state, bad_evals = -1.0, None, 0
-            model.train()
-            loss = model.loss(histories, targets, negatives)
-            if esim_objective is not None:
-                aux, esim_parts = esim_objective.loss(model)
-                loss = loss + aux
-            for optimiser in optimisers:
-                optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            for optimiser in optimisers:
-                optimiser.step()
-            step += 1
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            bar.update(1)
+    log.info("training %s: %d examples, %d steps per epoch, at most %d steps or %g minutes",
+             cfg.backbone, len(users), steps_per_epoch, max_steps, cfg.max_minutes)
 
-            if step % cfg.eval_every == 0:
-                metrics = evaluate_model(model, valid)
-                curve.append({"step": step, "loss": running, **metrics,
-                              **{f"esim_{k}": v for k, v in esim_parts.items()}})
-                if metrics[SELECTION_METRIC] > best_metric:
-                    best_metric, best_valid, best_step = metrics[SELECTION_METRIC], metrics, step
-                    best_state = copy.deepcopy(model.state_dict())
-                    bad_evals = 0
-                else:
-                    bad_evals += 1
-                bar.set_postfix(loss=f"{running:.3f}", val_r50=f"{metrics[SELECTION_METRIC]:.4f}",
-                                best=f"{best_metric:.4f}")
-                if bad_evals >= cfg.patience and (esim_start is None or step > esim_start):
-                    stopped_by = "early_stopping"
-            elif step % 20 == 0:
-                bar.set_postfix(loss=f"{running:.3f}", best=f"{max(best_metric, 0):.4f}")
-            if (time.perf_counter() - started) / 60 > cfg.max_minutes:
-                stopped_by = "time_limit"
+    def show_progress(**postfix: str) -> None:
+        # The bar ends where training will stop if validation does not improve any more,
+        # not at the epoch budget (which early stopping or the time cap usually cut short).
+        stop = early_stop_step(step, selected_step, cfg.eval_every, cfg.patience, esim_start)
+        total = projected_total_steps(
+            step, selected_step, max_steps=max_steps, eval_every=cfg.eval_every,
+            patience=cfg.patience, esim_start=esim_start,
+            elapsed_s=time.perf_counter() - started, max_minutes=cfg.max_minutes)
+        evals_left = max(0, math.ceil((stop - step) / cfg.eval_every))
+        bar.set_postfix(**postfix, evals_left=evals_left, refresh=False)
+        if total != bar.total:
+            bar.total = total
+        bar.refresh()
+
+    bar = tqdm(total=projected_total_steps(0, None, max_steps=max_steps,
+                                           eval_every=cfg.eval_every, patience=cfg.patience,
+                                           esim_start=esim_start),
+               disable=not progress, desc=f"train {cfg.backbone}", unit="step",
+               dynamic_ncols=True)
+    running = None
+    try:  # the bar is closed even when training is interrupted (the nightly scheduler's stop)
+        for _epoch in range(cfg.max_epochs):
+            order = rng.permutation(len(users))
+            for lo in range(0, len(order), cfg.batch_size):
+                batch = order[lo : lo + cfg.batch_size]
+                histories = torch.from_numpy(
+                    dataset.histories(users[batch], positions[batch], cfg.maxlen))
+                targets = torch.from_numpy(targets_all[batch])
+                negatives = None
+                if sampler is not None:
+                    count = cfg.negatives_per_example * cfg.batch_size
+                    negatives = sampler.sample(count, targets, generator)
+                if step == esim_start:
+                    esim_objective, esim_report = esim_setup(model)
+                    optimisers.append(torch.optim.Adam(esim_objective.parameters(), lr=cfg.lr))
+                    esim_report["start_step"] = step
+                    esim_report["warmup_valid"] = evaluate_model(model, valid, cutoffs)
+                    # The model must be chosen among ESIM-trained states, or ESIM could be a
+                    # no-op.
+                    best_metric, best_state, bad_evals, selected_step = -1.0, None, 0, None
+                model.train()
+                loss = model.loss(histories, targets, negatives)
+                if esim_objective is not None:
+                    aux, esim_parts = esim_objective.loss(model)
+                    loss = loss + aux
+                for optimiser in optimisers:
+                    optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                for optimiser in optimisers:
+                    optimiser.step()
+                step += 1
+                running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+                bar.update(1)
+
+                if step % cfg.eval_every == 0:
+                    metrics = evaluate_model(model, valid, cutoffs)
+                    curve.append({"step": step, "loss": running, **metrics,
+                                  **{f"esim_{k}": v for k, v in esim_parts.items()}})
+                    if metrics[metric] > best_metric:
+                        best_metric, best_valid, best_step = metrics[metric], metrics, step
+                        best_state = copy.deepcopy(model.state_dict())
+                        bad_evals, selected_step = 0, step
+                    else:
+                        bad_evals += 1
+                    if progress:
+                        show_progress(loss=f"{running:.3f}",
+                                      **{f"val_r{cutoff}": f"{metrics[metric]:.4f}"},
+                                      best=f"{best_metric:.4f}")
+                    if bad_evals >= cfg.patience and (esim_start is None or step > esim_start):
+                        stopped_by = "early_stopping"
+                elif progress and step % PROGRESS_EVERY == 0:
+                    show_progress(loss=f"{running:.3f}", best=f"{max(best_metric, 0):.4f}")
+                if (time.perf_counter() - started) / 60 > cfg.max_minutes:
+                    stopped_by = "time_limit"
+                if stopped_by != "max_epochs":
+                    break
             if stopped_by != "max_epochs":
                 break
-        if stopped_by != "max_epochs":
-            break
-    bar.close()
+    finally:
+        bar.close()
 
     # A final evaluation so the last steps count too.
-    metrics = evaluate_model(model, valid)
-    if metrics[SELECTION_METRIC] > best_metric:
+    metrics = evaluate_model(model, valid, cutoffs)
+    if metrics[metric] > best_metric:
         best_valid, best_step, best_state = metrics, step, None
     if best_state is not None:
         model.load_state_dict(best_state)
     model.item_embedding.sparse = False
     model.eval()
     seconds = time.perf_counter() - started
+    epochs = step / steps_per_epoch
     log.info("trained %s: %d steps in %.1fs, best valid %s=%.4f at step %d (%s)",
-             cfg.backbone, step, seconds, SELECTION_METRIC, best_valid[SELECTION_METRIC],
-             best_step, stopped_by)
+             cfg.backbone, step, seconds, metric, best_valid[metric], best_step, stopped_by)
+    if stopped_by == "time_limit":
+        log.warning("training stopped at the time cap of %g minutes after %d steps (%.2f of %d "
+                    "epochs), before early stopping: the model may be under-trained; raise the "
+                    "cap with --max-minutes", cfg.max_minutes, step, epochs, cfg.max_epochs)
     return TrainResult(
         model=model, best_valid=best_valid, best_step=best_step, steps=step,
-        epochs=step / steps_per_epoch, seconds=seconds, stopped_by=stopped_by,
+        epochs=epochs, seconds=seconds, stopped_by=stopped_by,
         loss_mode="full" if full else "sampled", curve=curve, esim=esim_report,
+        selection_metric=metric,
     )

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import ServedModel, State, require_api_key
+from service.schemas import ERROR_RESPONSES
 
 router = APIRouter(tags=["ops"])
 
@@ -18,7 +19,8 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "not ready: the body says which check "
+                                                     "failed"}})
 async def readyz(state: State) -> JSONResponse:
     model = state.models.current
     store_ok = await state.store.ping()
@@ -30,19 +32,26 @@ async def readyz(state: State) -> JSONResponse:
     return JSONResponse(body, status_code=code)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}},
+                             "description": "Prometheus text format"}})
 async def metrics(state: State) -> Response:
+    stats = await state.store.stream_stats()
+    if stats is not None:
+        state.metrics.event_stream_length.set(stats.length)
+        state.metrics.event_stream_lag.set(stats.lag)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/model", dependencies=[Depends(require_api_key)])
+@router.get("/model", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 async def model_info(state: State, model: ServedModel) -> dict[str, Any]:
     return {"path": str(model.bundle.path), "manifest": model.bundle.manifest.model_dump(),
             "refused_versions": sorted(state.models.refused),
             "last_error": state.models.last_error}
 
 
-@router.post("/model/reload", dependencies=[Depends(require_api_key)])
+@router.post("/model/reload", dependencies=[Depends(require_api_key)],
+             responses=ERROR_RESPONSES)
 async def reload(state: State) -> dict[str, Any]:
     """Check for a newer bundle now instead of waiting for the watcher."""
     changed = await state.models.refresh()

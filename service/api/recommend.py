@@ -8,9 +8,17 @@ from fastapi import APIRouter, Depends, HTTPException, status
 
 from service.deps import ServedModel, State, require_api_key
 from service.history import StoreUnavailable
-from service.schemas import InterestSummary, RecommendedItem, RecommendRequest, RecommendResponse
+from service.schemas import (
+    ERROR_RESPONSES,
+    InterestSummary,
+    RecommendedItem,
+    RecommendRequest,
+    RecommendResponse,
+    invalid,
+)
 
-router = APIRouter(tags=["recommend"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["recommend"], dependencies=[Depends(require_api_key)],
+                   responses=ERROR_RESPONSES)
 log = logging.getLogger("service.recommend")
 
 
@@ -19,12 +27,12 @@ async def recommend(body: RecommendRequest, state: State, model: ServedModel) ->
     settings, metrics = state.settings, state.metrics
     k = body.k or settings.default_k
     if k > settings.max_k:
-        raise HTTPException(422,
-                            f"k={k} is above the maximum {settings.max_k}")
+        raise invalid(("k",), f"k={k} is above the maximum {settings.max_k}", k,
+                      "less_than_equal")
     if body.history is not None and len(body.history) > settings.max_request_history:
-        raise HTTPException(422,
-                            f"history has {len(body.history)} items; at most "
-                            f"{settings.max_request_history} are accepted")
+        raise invalid(("history",), f"history has {len(body.history)} items; at most "
+                                    f"{settings.max_request_history} are accepted", None,
+                      "too_long")
     stored: list[str] = []
     degraded = False
     if body.use_stored_history:

@@ -55,11 +55,13 @@ def test_fallback_is_flagged_and_unknown_ids_counted(client):
     assert "recsys_unknown_items_total 2.0" in metrics
 
 
-def test_numbers_are_accepted_as_ids(client):
+def test_ids_are_strings_only(client):
     item = known_items(client, 1)[0]
-    body = client.post("/recommend", json={"user_id": 7, "k": 3, "history": [int(item)]})
-    assert body.status_code == 200 and body.json()["user_id"] == "7"
-    assert body.json()["unknown_items"] == 0
+    ok = client.post("/recommend", json={"user_id": "7", "k": 3, "history": [item]})
+    assert ok.status_code == 200 and ok.json()["unknown_items"] == 0
+    for body in ({"user_id": 7}, {"user_id": "7", "history": [int(item)]}):
+        refused = client.post("/recommend", json=body)
+        assert refused.status_code == 422 and "valid string" in refused.text
 
 
 @pytest.mark.parametrize(
@@ -73,7 +75,8 @@ def test_numbers_are_accepted_as_ids(client):
         ({"user_id": "u", "history": "abc"}, 422, "valid list"),
         ({"user_id": "u", "exclude": [None]}, 422, "exclude"),
         ({"user_id": "u", "colour": "red"}, 422, "Extra inputs"),
-        ({"user_id": " "}, 422, "at least 1 character"),
+        ({"user_id": ""}, 422, "at least 1 character"),
+        ({"user_id": " "}, 422, "whitespace"),
         ([1, 2], 422, "valid dictionary"),
     ],
 )

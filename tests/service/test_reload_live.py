@@ -1,38 +1,19 @@
 """Hot reload under concurrent load, against a real uvicorn server on loopback."""
 
 import asyncio
-import socket
-import threading
 import time
 
 import httpx
-import uvicorn
 
 from service.app import create_app
-from tests.service.conftest import make_settings, publish_copy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.service.conftest import live_server, make_settings, publish_copy
 
 
 def test_reload_under_concurrent_requests_drops_none(models_dir):
-    port = free_port()
     app = create_app(make_settings(models_dir, reload_interval_seconds=0.05))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
 
-    async def load() -> list[tuple[int, int | None]]:
+    async def load(base: str) -> list[tuple[int, int | None]]:
         results: list[tuple[int, int | None]] = []
-        base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             probe = await client.post("/recommend", json={"user_id": "p", "k": 3})
             history = [i["item_id"] for i in probe.json()["items"]]
@@ -52,11 +33,8 @@ def test_reload_under_concurrent_requests_drops_none(models_dir):
             await asyncio.gather(publisher(), *(worker(n) for n in range(8)))
         return results
 
-    try:
-        results = asyncio.run(load())
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with live_server(app) as base:
+        results = asyncio.run(load(base))
     statuses = {status for status, _ in results}
     versions = [v for _, v in results]
     assert statuses == {200}, f"non-200 answers during reload: {statuses}"

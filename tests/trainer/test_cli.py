@@ -1,8 +1,10 @@
 """The trainer's command line, run as a user runs it (a subprocess)."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,9 +13,10 @@ from trainer.synthetic import make_synthetic
 SYNTH = "users=200,items=150,topics=10,min_len=10,max_len=20"
 
 
-def run(*args, cwd):
+def run(*args, cwd, env=None):
     return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+                          text=True, cwd=cwd, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +102,58 @@ def test_if_missing_skips_training_when_a_bundle_exists(trained):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"skipped": True, "bundle": str(out / "models" / "recommender" / "1")}
+
+
+def test_default_run_dir_is_under_RUNS_DIR(tmp_path):
+    proc = run("train", "--dataset", "synthetic", "--synthetic", SYNTH, "--epochs", "1",
+               "--dim", "8", "--no-progress", cwd=tmp_path,
+               env={"RUNS_DIR": str(tmp_path / "writable")})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    run_dir = Path(report["run_dir"])
+    assert run_dir.parent == tmp_path / "writable" and run_dir.name.startswith("synthetic-")
+    assert (run_dir / "metrics.json").is_file() and (run_dir / "checkpoint.pt").is_file()
+    assert not (tmp_path / "runs").exists()  # not the working directory
+    # Fewer than 200 items: selected on Recall@(a tenth of the catalogue).
+    assert report["train"]["selection_metric"] == f"recall@{report['dataset']['items'] // 10}"
+
+
+def test_run_dir_that_cannot_be_created_is_a_clear_cli_error(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    proc = run("train", "--dataset", "synthetic", "--synthetic", SYNTH, "--no-progress",
+               cwd=tmp_path, env={"RUNS_DIR": str(tmp_path / "a-file")})
+    assert proc.returncode == 2
+    assert f"error: {tmp_path / 'a-file' / 'synthetic-'}" in proc.stderr
+    assert "-seed0: cannot create the run directory (" in proc.stderr
+    assert "set --run-dir or RUNS_DIR" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_read_only_runs_dir_is_a_clear_cli_error(tmp_path):
+    (tmp_path / "app").mkdir(mode=0o555)  # like /app in the image: not the user's
+    proc = run("train", "--dataset", "synthetic", "--synthetic", SYNTH, "--no-progress",
+               cwd=tmp_path / "app")
+    assert proc.returncode == 2
+    assert "error: runs/synthetic-" in proc.stderr
+    assert "-seed0: cannot create the run directory (" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_nightly_every_must_be_positive_and_only_the_flag_loops(monkeypatch):
+    from service.history import EVENT_GROUP
+    from trainer.cli import build_parser
+
+    monkeypatch.delenv("NIGHTLY_INTERVAL_SECONDS", raising=False)
+    args = build_parser().parse_args(["nightly"])
+    assert args.every is None and args.group == EVENT_GROUP  # run once, as before
+    assert build_parser().parse_args(["nightly", "--every", "0.5"]).every == 0.5
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["nightly", "--every", bad])
+        assert exc.value.code == 2
+    # the compose file sets NIGHTLY_INTERVAL_SECONDS in the scheduler's container, where an
+    # operator's `docker compose exec nightly python -m trainer nightly` must run once
+    monkeypatch.setenv("NIGHTLY_INTERVAL_SECONDS", "86400")
+    assert build_parser().parse_args(["nightly"]).every is None
+    assert build_parser().parse_args(["nightly", "--every", "60"]).every == 60
