@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from tests.service.test_reload_live import free_port
+from tests.service.conftest import free_port
 
 
 def test_events_to_nightly_to_hot_swap(tmp_path, redis_url, models_dir):
