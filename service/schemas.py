@@ -81,8 +81,9 @@ class RecommendResponse(BaseModel):
     history_source: Literal["stored", "request", "stored+request", "none"]
     history_length: int = Field(description="known history items fed to the encoder")
     unknown_items: int = Field(description="history ids not in the catalogue (ignored)")
-    degraded: bool = Field(False, description="the history store was unreachable; the "
-                                              "request's own history was used")
+    degraded: bool = Field(False, description="the history store was unreachable: only the "
+                                              "request's own history was used (none: the "
+                                              "popularity fallback)")
 
 
 class EventIn(Body):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends
 
 from service.deps import ServedModel, State, require_api_key
 from service.history import StoreUnavailable
@@ -39,14 +39,12 @@ async def recommend(body: RecommendRequest, state: State, model: ServedModel) ->
         try:
             stored = await state.store.history(body.user_id)
         except StoreUnavailable as exc:
+            # A recommendation is still better than an error: the request's own history, or
+            # (without one) the popularity fallback, flagged as degraded.
             metrics.redis_errors.inc()
-            if not body.history:
-                raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                                    "history store unavailable and the request has no "
-                                    "history of its own") from exc
             degraded = True
             metrics.degraded.inc()
-            log.warning("history store unavailable; answering from the request's history",
+            log.warning("history store unavailable; answering without the stored history",
                         extra={"error": str(exc)})
     history = stored + (body.history or [])
     exclude = body.exclude + (history if body.exclude_seen else [])
