@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -27,7 +28,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = f"eimf-test-{os.getpid()}"
 
 
-def engine_missing() -> str | None:
+BASE_IMAGES = ("python:3.11-slim", "redis:7-alpine")
+DEFAULT_TORCH_INDEX = "https://download.pytorch.org/whl/cpu/"
+
+
+def reachable(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=5).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except OSError:
+        return False
+    return True
+
+
+def cannot_run() -> str | None:
+    """Why the stack cannot be built and run here, or None."""
     if shutil.which("docker") is None:
         return "no docker CLI on this machine"
     if subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode != 0:
@@ -35,12 +51,20 @@ def engine_missing() -> str | None:
     if subprocess.run(["docker", "compose", "version"], capture_output=True,
                       timeout=30).returncode != 0:
         return "no Compose v2 (`docker compose`) plugin"
+    missing = [image for image in BASE_IMAGES if subprocess.run(
+        ["docker", "image", "inspect", image], capture_output=True, timeout=30).returncode]
+    if missing and not reachable("https://registry-1.docker.io/v2/"):
+        return f"base images {missing} are not local and Docker Hub is unreachable"
+    index = os.environ.get("COMPOSE_TEST_TORCH_INDEX_URL")
+    if not reachable(index or DEFAULT_TORCH_INDEX):
+        return (f"the torch index {index or DEFAULT_TORCH_INDEX} is unreachable "
+                "(set COMPOSE_TEST_TORCH_INDEX_URL to a reachable one)")
     return None
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    reason = engine_missing()
+    reason = cannot_run()
     if reason:
         print(f"skipping the compose stack test: {reason}")
         pytest.skip(reason)
