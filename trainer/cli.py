@@ -31,15 +31,16 @@ from service.bundle import (
 from service.history import EVENT_GROUP, EVENT_STREAM
 from trainer.config import BACKBONES, LLM_BACKENDS, LOSSES, MATCHING_RULES, TrainConfig
 from trainer.data import FORMATS, DataError
-from trainer.dataset import SequenceDataset, build_dataset
+from trainer.dataset import EvalSplit, SequenceDataset, build_dataset
 from trainer.esim import EsimError, esim_setup
-from trainer.evaluate import evaluate_encoder, most_popular
+from trainer.evaluate import evaluate_encoder, most_popular, popular_rankings, rankings
 from trainer.export import INDEX_KINDS, ExportError, publish_bundle
 from trainer.llm import LLMError, LLMSettings
+from trainer.metrics import CUTOFFS, per_user_metrics
 from trainer.nets import build_encoder
 from trainer.nightly import LockHeld, NightlyError, NightlyOptions, run_every, run_nightly
 from trainer.specs import BUILTIN_DATASETS, data_spec, load_spec
-from trainer.train import evaluate_model, train
+from trainer.train import evaluate_model, model_search, train
 
 log = logging.getLogger("trainer")
 
@@ -69,7 +70,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         backbone=args.backbone, interests=args.interests, dim=args.dim, maxlen=args.maxlen,
         lr=args.lr, batch_size=args.batch_size, loss=args.loss, max_epochs=args.epochs,
         eval_every=args.eval_every, patience=args.patience, max_minutes=args.max_minutes,
-        seed=args.seed, split_seed=args.split_seed, threads=args.threads,
+        seed=args.seed, split_seed=args.split_seed, folds=args.folds, fold=args.fold,
+        threads=args.threads,
         esim=args.esim, llm=args.llm, esim_warmup_epochs=args.esim_warmup_epochs,
         esim_clusters=args.esim_clusters, esim_users_per_cluster=args.esim_users_per_cluster,
         esim_llm_budget=args.llm_budget, esim_labels=args.esim_labels,
@@ -78,11 +80,11 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     )
     spec = data_spec(args)
     raw = load_spec(spec)
-    dataset = build_dataset(raw, min_item_count=cfg.min_item_count,
-                            min_user_count=cfg.min_user_count, split_seed=cfg.split_seed)
+    dataset = build_dataset(raw, **cfg.split())
     log.info("dataset %s", json.dumps(dataset.describe()))
     run_dir = Path(args.run_dir) if args.run_dir else runs_root() / (
         f"{dataset.name}-{cfg.backbone}-k{cfg.interests}-seed{cfg.seed}"
+        + (f"-fold{cfg.fold}of{cfg.folds}" if cfg.folds else "")
         + (f"-esim-{cfg.llm}" if cfg.esim else ""))
     make_run_dir(run_dir)  # before training, so a bad location fails in seconds, not hours
     llm_settings = LLMSettings(**{k: v for k, v in (
@@ -117,6 +119,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         run_dir / "checkpoint.pt",
     )
     (run_dir / "curve.json").write_text(json.dumps(result.curve, indent=1))
+    write_per_user(run_dir / "per_user.json", dataset, test, result.model)
     report["run_dir"] = str(run_dir)
     if args.out:
         bundle = publish_bundle(
@@ -141,6 +144,22 @@ def make_run_dir(run_dir: Path) -> None:
     except OSError as exc:
         raise DataError(f"{run_dir}: cannot create the run directory ({exc}); set --run-dir or "
                         f"{RUNS_DIR_ENV} to a writable place") from exc
+
+
+def write_per_user(path: Path, dataset: SequenceDataset, split: EvalSplit,
+                   model: torch.nn.Module) -> None:
+    """Each test user's metrics (model and MostPop), keyed by external user id: what a
+    paired comparison of two models over the same users needs (benchmarks/folds.py)."""
+    ranked = rankings(*model_search(model), split, max(CUTOFFS))
+
+    def lists(values: dict[str, np.ndarray]) -> dict[str, list[float]]:
+        return {name: column.round(6).tolist() for name, column in values.items()}
+
+    path.write_text(json.dumps({
+        "users": dataset.user_ids[split.users].astype(str).tolist(),
+        "model": lists(per_user_metrics(ranked, split.targets)),
+        "mostpop": lists(per_user_metrics(popular_rankings(dataset, split), split.targets)),
+    }))
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], SequenceDataset, torch.nn.Module]:
@@ -181,8 +200,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 def dataset_for(spec: dict[str, Any], cfg: TrainConfig, fingerprint: str,
                 where: Path) -> SequenceDataset:
     """Rebuild the dataset a model was trained on; refuse if the data changed since."""
-    dataset = build_dataset(load_spec(spec), min_item_count=cfg.min_item_count,
-                            min_user_count=cfg.min_user_count, split_seed=cfg.split_seed)
+    dataset = build_dataset(load_spec(spec), **cfg.split())
     if dataset.fingerprint != fingerprint:
         raise DataError(f"{where}: the data changed since training (fingerprint "
                         f"{dataset.fingerprint} != {fingerprint})")
@@ -292,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float, default=defaults.max_minutes)
     t.add_argument("--seed", type=int, default=defaults.seed)
     t.add_argument("--split-seed", type=int, default=defaults.split_seed)
+    t.add_argument("--folds", type=int, default=defaults.folds,
+                   help="user-level cross-validation: N folds (0: the 80/10/10 split)")
+    t.add_argument("--fold", type=int, default=defaults.fold,
+                   help="with --folds: test on this fold, validate on the next (0..N-1)")
     t.add_argument("--threads", type=int, default=defaults.threads)
     t.add_argument("--run-dir", type=Path,
                    help="checkpoint + metrics directory (default $RUNS_DIR/<dataset>-"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-BACKBONES = ("comirec-sa", "comirec-dr", "mind")
+BACKBONES = ("comirec-sa", "comirec-dr", "mind", "sasrec")
+SINGLE_INTEREST_BACKBONES = ("sasrec",)  # K is 1 whatever --interests says
 LOSSES = ("auto", "full", "sampled")
 LLM_BACKENDS = ("local", "openai", "metadata")
 MATCHING_RULES = ("attention", "similarity")
@@ -32,6 +33,8 @@ class TrainConfig:
     max_minutes: float = 30.0  # hard wall-clock cap, in case a user's data is large
     seed: int = 0
     split_seed: int = 0  # users' train/valid/test split; fixed across training seeds
+    folds: int = 0  # 0: 80/10/10 split; N: user-level N-fold cross-validation (DESIGN 6)
+    fold: int = 0  # with folds: test on this fold, validate on the next
     min_item_count: int = 5
     min_user_count: int = 5
     threads: int = 0  # torch intra-op threads; 0 = torch's default
@@ -52,6 +55,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
+        if self.backbone in SINGLE_INTEREST_BACKBONES:
+            self.interests = 1
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {LOSSES}")
         if self.llm not in LLM_BACKENDS:
@@ -66,9 +71,17 @@ class TrainConfig:
         for name in ("esim_clusters", "esim_users_per_cluster", "esim_labels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.folds and (self.folds < 3 or not 0 <= self.fold < self.folds):
+            raise ValueError(f"fold {self.fold} of {self.folds}: need folds >= 3 and "
+                             "0 <= fold < folds")
         for name in ("interests", "dim", "maxlen", "batch_size", "max_epochs", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def split(self) -> dict[str, int]:
+        """The build_dataset arguments that fix the users' split and filtering."""
+        return {"min_item_count": self.min_item_count, "min_user_count": self.min_user_count,
+                "split_seed": self.split_seed, "folds": self.folds, "fold": self.fold}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -40,6 +40,8 @@ class SequenceDataset:
     valid_users: np.ndarray
     test_users: np.ndarray
     split_seed: int
+    folds: int = 0  # 0: the 80/10/10 split; else user-level cross-validation (DESIGN 6)
+    fold: int = 0
 
     @property
     def n_items(self) -> int:
@@ -100,13 +102,40 @@ class SequenceDataset:
             "valid_users": int(len(self.valid_users)),
             "test_users": int(len(self.test_users)),
             "split_seed": self.split_seed,
+            **({"folds": self.folds, "fold": self.fold} if self.folds else {}),
         }
 
 
+def split_users(n_users: int, seed: int, folds: int = 0, fold: int = 0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, valid, test) user indices, each sorted.
+
+    folds == 0: users shuffled with `seed`, split 80/10/10. folds >= 3: user-level
+    cross-validation (DESIGN 6): users shuffled once with `seed` into `folds` near-equal folds;
+    run `fold` tests on fold f, validates on fold f + 1 (mod folds), trains on the rest, so
+    that over all runs every user is tested exactly once."""
+    order = np.random.default_rng(seed).permutation(n_users)
+    if not folds:
+        n_train = int(round(0.8 * n_users))
+        n_valid = int(round(0.1 * n_users))
+        parts = order[:n_train], order[n_train : n_train + n_valid], order[n_train + n_valid :]
+        return tuple(np.sort(p) for p in parts)  # type: ignore[return-value]
+    if folds < 3 or not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} of {folds}: need folds >= 3 and 0 <= fold < folds")
+    if n_users < folds:
+        raise ValueError(f"{n_users} users cannot be split into {folds} folds")
+    chunks = np.array_split(order, folds)
+    valid = (fold + 1) % folds
+    train = np.concatenate([c for i, c in enumerate(chunks) if i not in (fold, valid)])
+    return np.sort(train), np.sort(chunks[valid]), np.sort(chunks[fold])
+
+
 def build_dataset(
-    raw: RawData, *, min_item_count: int = 5, min_user_count: int = 5, split_seed: int = 0
+    raw: RawData, *, min_item_count: int = 5, min_user_count: int = 5, split_seed: int = 0,
+    folds: int = 0, fold: int = 0,
 ) -> SequenceDataset:
-    """ComiRec filtering (items >= 5, then users >= 5), id mapping, 80/10/10 user split."""
+    """ComiRec filtering (items >= 5, then users >= 5), id mapping, and the user split:
+    80/10/10, or fold `fold` of `folds`-fold cross-validation (`split_users`)."""
     df = raw.interactions
     item_counts = df["item_id"].value_counts()
     df = df[df["item_id"].isin(item_counts.index[item_counts >= min_item_count])]
@@ -137,10 +166,7 @@ def build_dataset(
         categories[1:] = meta["categories"].fillna("").to_numpy(dtype=object)
         years[1:] = meta["year"].to_numpy(dtype=float)
 
-    rng = np.random.default_rng(split_seed)
-    order = rng.permutation(len(user_ext))
-    n_train = int(round(0.8 * len(order)))
-    n_valid = int(round(0.1 * len(order)))
+    train_users, valid_users, test_users = split_users(len(user_ext), split_seed, folds, fold)
     return SequenceDataset(
         name=raw.name,
         source=raw.source,
@@ -152,10 +178,12 @@ def build_dataset(
         user_ids=np.asarray(user_ext, dtype=object),
         flat=internal.astype(np.int64),
         offsets=offsets,
-        train_users=np.sort(order[:n_train]),
-        valid_users=np.sort(order[n_train : n_train + n_valid]),
-        test_users=np.sort(order[n_train + n_valid :]),
+        train_users=train_users,
+        valid_users=valid_users,
+        test_users=test_users,
         split_seed=split_seed,
+        folds=folds,
+        fold=fold,
     )
 
 

@@ -41,15 +41,24 @@ def encode_all(encode: Encoder, histories: np.ndarray, batch_size: int = 1024) -
                            for i in range(0, len(histories), batch_size)])
 
 
+def rankings(encode: Encoder, search: Search, split: EvalSplit, n: int) -> list[np.ndarray]:
+    """Each evaluated user's top-n internal item ids."""
+    return retrieve(encode_all(encode, split.histories), search, n)
+
+
 def evaluate_encoder(encode: Encoder, search: Search, split: EvalSplit,
                      cutoffs: Sequence[int] = CUTOFFS) -> dict[str, float]:
-    interests = encode_all(encode, split.histories)
-    return aggregate(retrieve(interests, search, max(cutoffs)), split.targets, cutoffs)
+    return aggregate(rankings(encode, search, split, max(cutoffs)), split.targets, cutoffs)
 
 
-def most_popular(dataset: SequenceDataset, split: EvalSplit) -> dict[str, float]:
-    """MostPop baseline: the same top items (by training-user counts) for everyone."""
+def popular_rankings(dataset: SequenceDataset, split: EvalSplit) -> list[np.ndarray]:
+    """MostPop: the same top items (by training-user counts) for every evaluated user."""
     popularity = dataset.popularity()
     popularity[0] = -1
     top = np.argsort(-popularity, kind="stable")[: max(CUTOFFS)]
-    return aggregate([top] * len(split.targets), split.targets)
+    return [top] * len(split.targets)
+
+
+def most_popular(dataset: SequenceDataset, split: EvalSplit) -> dict[str, float]:
+    """MostPop baseline metrics."""
+    return aggregate(popular_rankings(dataset, split), split.targets)

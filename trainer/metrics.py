@@ -23,17 +23,28 @@ def user_metrics(ranked: np.ndarray, targets: np.ndarray, n: int) -> tuple[float
     return hits / len(target_set), dcg / idcg, float(hits > 0)
 
 
+def per_user_metrics(
+    ranked_lists: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    cutoffs: Sequence[int] = CUTOFFS,
+) -> dict[str, np.ndarray]:
+    """Each metric for each user (in the given order), keyed like 'recall@50': what paired
+    comparisons between models need."""
+    if len(ranked_lists) != len(targets):
+        raise ValueError("one ranked list per user")
+    out: dict[str, np.ndarray] = {}
+    for n in cutoffs:
+        rows = np.array([user_metrics(r, t, n) for r, t in zip(ranked_lists, targets, strict=True)])
+        for name, col in zip(("recall", "ndcg", "hitrate"), rows.T, strict=True):
+            out[f"{name}@{n}"] = col
+    return out
+
+
 def aggregate(
     ranked_lists: Sequence[np.ndarray],
     targets: Sequence[np.ndarray],
     cutoffs: Sequence[int] = CUTOFFS,
 ) -> dict[str, float]:
     """Mean of each metric over users, keyed like 'recall@50'."""
-    if len(ranked_lists) != len(targets):
-        raise ValueError("one ranked list per user")
-    out: dict[str, float] = {}
-    for n in cutoffs:
-        rows = np.array([user_metrics(r, t, n) for r, t in zip(ranked_lists, targets, strict=True)])
-        for name, col in zip(("recall", "ndcg", "hitrate"), rows.T, strict=True):
-            out[f"{name}@{n}"] = float(col.mean())
-    return out
+    return {name: float(values.mean())
+            for name, values in per_user_metrics(ranked_lists, targets, cutoffs).items()}

@@ -28,6 +28,12 @@ class Negatives:
     ids: Tensor  # [S] internal item ids
     log_q: Tensor  # [S]
     target_log_q: Tensor  # [B] logQ of each positive, for the same correction
+    log_q_table: Tensor | None = None  # [N + 1] logQ of every item (positives at any position)
+
+    def log_q_of(self, items: Tensor) -> Tensor:
+        if self.log_q_table is None:
+            raise ValueError("this loss needs the sampler's logQ table")
+        return self.log_q_table[items]
 
 
 @dataclass
@@ -170,10 +176,89 @@ class MIND(CapsuleEncoder):
         return F.relu(self.out(capsules))
 
 
+class CausalBlock(nn.Module):
+    """One SASRec block: causal single-head self-attention and a point-wise feed-forward
+    layer, each with a residual connection, layer norm first, and dropout. Written out with
+    plain ops (no nn.MultiheadAttention fast path) so that it exports to ONNX as it trains."""
+
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.attn_norm, self.ffn_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, L, d], allowed [B, L, L] (query, key) -> (x, attention weights)."""
+        q, k, v = self.qkv(self.attn_norm(x)).chunk(3, dim=-1)
+        logits = (q @ k.transpose(1, 2)) * q.shape[-1] ** -0.5
+        weights = torch.softmax(logits.masked_fill(~allowed, MASK_LOGIT), dim=-1)
+        x = x + self.dropout(weights @ v)
+        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return x, weights
+
+
+class SASRec(MultiInterestEncoder):
+    """SASRec (Kang & McAuley 2018): causal self-attention over the history, one vector per
+    user (K = 1), trained on every position (each position predicts the next item).
+
+    The single-interest reference every multi-interest result is shown beside (DESIGN 4), and
+    a choice for users whose data is not multi-interest. It serves like the others."""
+
+    blocks_count = 2
+    dropout = 0.2
+
+    def __init__(self, n_items: int, cfg: TrainConfig) -> None:
+        super().__init__(n_items, cfg)
+        self.num_interests = 1
+        self.position = nn.Parameter(torch.empty(cfg.maxlen, cfg.dim))
+        nn.init.xavier_uniform_(self.position)
+        self.blocks = nn.ModuleList(CausalBlock(cfg.dim, self.dropout)
+                                    for _ in range(self.blocks_count))
+        self.out_norm = nn.LayerNorm(cfg.dim)
+        self.input_dropout = nn.Dropout(self.dropout)
+
+    def sequence(self, item_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Hidden state after every position [B, L, d], and the last block's attention."""
+        length = item_ids.shape[1]
+        mask = item_ids != 0
+        x = self.item_embedding(item_ids) * self.dim**0.5 + self.position[-length:]
+        x = self.input_dropout(x) * mask[..., None]
+        causal = torch.tril(torch.ones(length, length, dtype=torch.bool,
+                                       device=item_ids.device))
+        allowed = causal[None] & mask[:, None, :]
+        weights = torch.zeros_like(x[..., 0])[:, :, None].expand(-1, -1, length)
+        for block in self.blocks:
+            x, weights = block(x, allowed)
+            x = x * mask[..., None]
+        return self.out_norm(x), weights
+
+    def encode(self, item_ids: Tensor) -> Encoded:
+        hidden, weights = self.sequence(item_ids)
+        return Encoded(hidden[:, -1:], weights[:, -1:])  # the state after the latest item
+
+    def loss(self, item_ids: Tensor, targets: Tensor, negatives: Negatives | None = None) -> Tensor:
+        """Every position predicts the item that follows it: the history shifted by one, then
+        the target. Padding positions are left out."""
+        hidden, _ = self.sequence(item_ids)  # [B, L, d]
+        following = torch.cat([item_ids[:, 1:], targets[:, None]], dim=1)  # [B, L]
+        keep = item_ids != 0
+        users, wanted = hidden[keep], following[keep]  # [P, d], [P]
+        if negatives is None:
+            return F.cross_entropy(users @ self.item_vectors().T, wanted - 1)
+        pos = (users * self.item_embedding(wanted)).sum(-1) - negatives.log_q_of(wanted)
+        neg = users @ self.item_embedding(negatives.ids).T - negatives.log_q
+        neg = neg.masked_fill(negatives.ids[None, :] == wanted[:, None], float("-inf"))
+        return F.cross_entropy(torch.cat([pos[:, None], neg], dim=1),
+                               torch.zeros_like(wanted))
+
+
 BACKBONE_CLASSES: dict[str, type[MultiInterestEncoder]] = {
     "comirec-sa": ComiRecSA,
     "comirec-dr": ComiRecDR,
     "mind": MIND,
+    "sasrec": SASRec,
 }
 
 

@@ -389,8 +389,7 @@ def run_nightly(opts: NightlyOptions) -> dict[str, Any]:
         base_spec = served.data_spec.get("base", served.data_spec)
         spec = {"base": base_spec, "events": str(events_dir(opts.data_dir).resolve())}
         cfg = TrainConfig.from_dict({**served.config, **(opts.train_overrides or {})})
-        dataset = build_dataset(load_spec(spec), min_item_count=cfg.min_item_count,
-                                min_user_count=cfg.min_user_count, split_seed=cfg.split_seed)
+        dataset = build_dataset(load_spec(spec), **cfg.split())
         report["dataset"] = dataset.describe()
         # A served ESIM model is retrained with ESIM; the LLM answers come from the cache
         # for typical users asked before.

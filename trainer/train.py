@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from trainer.config import FULL_SOFTMAX_MAX_ITEMS, TrainConfig
 from trainer.dataset import EvalSplit, SequenceDataset
-from trainer.evaluate import evaluate_encoder, exact_search
+from trainer.evaluate import Encoder, Search, evaluate_encoder, exact_search
 from trainer.metrics import CUTOFFS
 from trainer.nets import MultiInterestEncoder, Negatives, build_encoder
 
@@ -91,7 +91,8 @@ class LogUniformSampler:
         u = torch.rand(count, generator=generator, dtype=torch.float64)
         ranks = (torch.exp(u * self.log_range).floor().long() - 1).clamp_(0, self.n - 1)
         ids = self.rank_to_item[ranks]
-        return Negatives(ids=ids, log_q=self.log_q[ids], target_log_q=self.log_q[targets])
+        return Negatives(ids=ids, log_q=self.log_q[ids], target_log_q=self.log_q[targets],
+                         log_q_table=self.log_q)
 
 
 @dataclass
@@ -124,12 +125,17 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def evaluate_model(model: MultiInterestEncoder, split: EvalSplit,
-                   cutoffs: Sequence[int] = CUTOFFS) -> dict[str, float]:
+def model_search(model: MultiInterestEncoder) -> tuple[Encoder, Search]:
+    """The model as (encoder, exact search over its item vectors), numpy in and out."""
     model.eval()
     with torch.no_grad():
         items = model.item_vectors().numpy()
-    return evaluate_encoder(encode_numpy(model), exact_search(items), split, cutoffs)
+    return encode_numpy(model), exact_search(items)
+
+
+def evaluate_model(model: MultiInterestEncoder, split: EvalSplit,
+                   cutoffs: Sequence[int] = CUTOFFS) -> dict[str, float]:
+    return evaluate_encoder(*model_search(model), split, cutoffs)
 
 
 def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,

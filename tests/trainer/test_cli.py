@@ -157,3 +157,34 @@ def test_nightly_every_must_be_positive_and_only_the_flag_loops(monkeypatch):
     monkeypatch.setenv("NIGHTLY_INTERVAL_SECONDS", "86400")
     assert build_parser().parse_args(["nightly"]).every is None
     assert build_parser().parse_args(["nightly", "--every", "60"]).every == 60
+
+
+def test_per_user_test_metrics_average_to_the_reported_ones(trained):
+    out, proc = trained
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    per_user = json.loads((out / "per_user.json").read_text())
+    assert len(per_user["users"]) == report["dataset"]["test_users"]
+    for metric in ("recall@20", "recall@50", "ndcg@50"):
+        assert len(per_user["model"][metric]) == len(per_user["users"])
+        assert sum(per_user["model"][metric]) / len(per_user["users"]) == pytest.approx(
+            report["test"][metric], abs=1e-5)
+        assert sum(per_user["mostpop"][metric]) / len(per_user["users"]) == pytest.approx(
+            report["mostpop"][metric], abs=1e-5)
+
+
+def test_a_fold_run_tests_that_fold_and_a_sasrec_serves_with_one_interest(tmp_path):
+    proc = run("train", "--dataset", "synthetic", "--synthetic", SYNTH, "--epochs", "1",
+               "--eval-every", "5", "--dim", "16", "--no-progress", "--folds", "5", "--fold",
+               "2", "--backbone", "sasrec", "--run-dir", str(tmp_path / "run"),
+               "--out", str(tmp_path / "models"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["dataset"]["folds"] == 5 and report["dataset"]["fold"] == 2
+    assert report["dataset"]["test_users"] == 40 and report["interests"] == 1  # 200 users / 5
+    from service.bundle import load_bundle
+
+    bundle = load_bundle(tmp_path / "models" / "recommender" / "1")  # checks and smoke test
+    assert bundle.manifest.interests == 1 and bundle.manifest.config["fold"] == 2
+    bad = run("train", "--dataset", "synthetic", "--synthetic", SYNTH, "--folds", "5",
+              "--fold", "5", "--no-progress", "--run-dir", str(tmp_path / "bad"), cwd=tmp_path)
+    assert bad.returncode == 2 and "fold 5 of 5" in bad.stderr

@@ -76,3 +76,28 @@ def test_synthetic_users_stay_within_their_planted_topics():
     assert counts.max() <= 4 and counts.mean() > 3
     again = make_synthetic(n_users=100, n_items=400, n_topics=20, interests_per_user=4, seed=1)
     assert again.fingerprint() == raw.fingerprint()
+
+
+def test_folds_test_every_user_once_validate_on_the_next_and_are_deterministic():
+    raw = make_synthetic(n_users=203, n_items=100, n_topics=5)
+    runs = [build_dataset(raw, folds=10, fold=f) for f in range(10)]
+    tests = [r.test_users for r in runs]
+    # every user tested exactly once; folds disjoint and near-equal (203 = 3 x 21 + 7 x 20)
+    assert sorted(np.concatenate(tests).tolist()) == list(range(runs[0].n_users))
+    assert sorted(len(t) for t in tests) == [20] * 7 + [21] * 3
+    for f, r in enumerate(runs):
+        assert np.array_equal(r.valid_users, tests[(f + 1) % 10])
+        parts = np.concatenate([r.train_users, r.valid_users, r.test_users])
+        assert len(np.unique(parts)) == len(parts) == r.n_users  # disjoint, complete
+        assert r.describe()["folds"] == 10 and r.describe()["fold"] == f
+    again = build_dataset(raw, folds=10, fold=4)
+    assert np.array_equal(again.test_users, runs[4].test_users)
+    assert np.array_equal(again.train_users, runs[4].train_users)
+    # the default stays the 80/10/10 split, and it has no fold keys
+    assert "folds" not in build_dataset(raw).describe()
+
+
+@pytest.mark.parametrize(("folds", "fold"), [(2, 0), (10, 10), (10, -1)])
+def test_bad_fold_settings_are_refused(folds, fold):
+    with pytest.raises(ValueError, match="fold"):
+        build_dataset(make_synthetic(n_users=50, n_items=60, n_topics=6), folds=folds, fold=fold)

@@ -20,7 +20,8 @@ def test_shapes_padding_and_gradients(backbone):
     model = make(backbone)
     ids = torch.tensor([[0, 0, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
     enc = model.encode(ids)
-    assert enc.interests.shape == (3, 3, 8) and enc.weights.shape == (3, 3, 6)
+    k = 1 if backbone == "sasrec" else 3  # SASRec is single-interest whatever K says
+    assert enc.interests.shape == (3, k, 8) and enc.weights.shape == (3, k, 6)
     assert torch.isfinite(enc.interests).all()
     # Padded positions feed no interest.
     assert torch.all(enc.weights[0, :, :2] == 0)
@@ -76,3 +77,39 @@ def test_log_uniform_sampler_follows_popularity_ranks():
     freq = torch.bincount(sample.ids, minlength=5)[1:].double() / 20000
     assert torch.allclose(freq, q.double(), atol=0.02)
     assert sample.target_log_q.item() == pytest.approx(sampler.log_q[2].item())
+
+
+def test_sasrec_is_causal_and_trains_on_every_position():
+    model = make("sasrec").eval()
+    ids = torch.tensor([[0, 0, 3, 4, 5, 6]])
+    changed = torch.tensor([[0, 0, 3, 4, 9, 6]])
+    with torch.no_grad():
+        a, _ = model.sequence(ids)
+        b, _ = model.sequence(changed)
+    # positions before the change see only earlier items: unchanged; later ones change
+    assert torch.allclose(a[0, :4], b[0, :4], atol=1e-6)
+    assert not torch.allclose(a[0, 4:], b[0, 4:])
+    assert torch.equal(model(ids)[:, 0], a[:, -1])  # the user vector: the latest state
+
+    # the full-softmax loss is the mean over every non-padding position of predicting the
+    # item that follows it (the last one predicts the target); eval mode: no dropout
+    full = model.loss(ids, torch.tensor([7]))
+    hidden, _ = model.sequence(ids)
+    following = torch.tensor([4, 5, 6, 7])  # positions 2..5 predict the next item
+    expected = F.cross_entropy(hidden[0, 2:] @ model.item_vectors().T, following - 1)
+    assert torch.allclose(full, expected, atol=1e-6)
+
+
+def test_sasrec_sampled_loss_uses_logq_of_every_positive():
+    model = make("sasrec").eval()
+    sampler = LogUniformSampler(np.arange(31, dtype=np.int64))
+    negatives = sampler.sample(20, torch.tensor([7]), torch.Generator().manual_seed(0))
+    ids = torch.tensor([[0, 0, 3, 4, 5, 6]])
+    loss = model.loss(ids, torch.tensor([7]), negatives)
+    hidden, _ = model.sequence(ids)
+    users, wanted = hidden[0, 2:], torch.tensor([4, 5, 6, 7])
+    pos = (users * model.item_embedding(wanted)).sum(-1) - sampler.log_q[wanted]
+    neg = users @ model.item_embedding(negatives.ids).T - negatives.log_q
+    neg = neg.masked_fill(negatives.ids[None, :] == wanted[:, None], float("-inf"))
+    expected = F.cross_entropy(torch.cat([pos[:, None], neg], 1), torch.zeros(4, dtype=int))
+    assert torch.allclose(loss, expected, atol=1e-6)
