@@ -153,8 +153,11 @@ class ComiRecDR(CapsuleEncoder):
 class MIND(CapsuleEncoder):
     """MIND: one shared bilinear map, random routing logits, ReLU layer on the capsules.
 
-    The random logits are drawn once at construction (a buffer, seeded by torch's RNG) rather
-    than per batch, so that serving is deterministic and the ONNX graph has no random op.
+    The behaviour capsules are shared by the K interests, so only the random initial routing
+    logits tell the interests apart. In training they are drawn afresh for every batch and
+    user (truncated normal, as MIND and ComiRec do), so the interests must become distinct
+    through routing itself; at evaluation and serving one draw made at construction (a
+    buffer) is used, so that answers are deterministic and the ONNX graph has no random op.
     """
 
     def __init__(self, n_items: int, cfg: TrainConfig) -> None:
@@ -169,8 +172,11 @@ class MIND(CapsuleEncoder):
         return self.shared_map(items)[:, None].expand(-1, self.num_interests, -1, -1)
 
     def initial_logits(self, item_ids: Tensor) -> Tensor:
-        length = item_ids.shape[1]
-        return self.routing_init[None, :, -length:].expand(item_ids.shape[0], -1, -1)
+        b, length = item_ids.shape
+        if self.training:
+            return nn.init.trunc_normal_(torch.empty(b, self.num_interests, length,
+                                                     device=item_ids.device))
+        return self.routing_init[None, :, -length:].expand(b, -1, -1)
 
     def readout(self, capsules: Tensor) -> Tensor:
         return F.relu(self.out(capsules))

@@ -113,3 +113,14 @@ def test_sasrec_sampled_loss_uses_logq_of_every_positive():
     neg = neg.masked_fill(negatives.ids[None, :] == wanted[:, None], float("-inf"))
     expected = F.cross_entropy(torch.cat([pos[:, None], neg], 1), torch.zeros(4, dtype=int))
     assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_mind_draws_routing_logits_per_batch_in_training_and_serves_a_fixed_draw():
+    model = make("mind")
+    ids = torch.tensor([[0, 0, 3, 4, 5, 6]] * 2)
+    model.train()
+    first, second = model.initial_logits(ids), model.initial_logits(ids)
+    assert not torch.equal(first, second) and not torch.equal(first[0], first[1])
+    model.eval()
+    assert torch.equal(model.initial_logits(ids), model.initial_logits(ids))
+    assert torch.equal(model(ids), model(ids))  # serving is deterministic
