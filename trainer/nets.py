@@ -234,7 +234,7 @@ class SASRec(MultiInterestEncoder):
         causal = torch.tril(torch.ones(length, length, dtype=torch.bool,
                                        device=item_ids.device))
         allowed = causal[None] & mask[:, None, :]
-        weights = torch.zeros_like(x[..., 0])[:, :, None].expand(-1, -1, length)
+        weights = allowed.to(x.dtype)  # replaced by the blocks' attention below
         for block in self.blocks:
             x, weights = block(x, allowed)
             x = x * mask[..., None]

@@ -44,6 +44,7 @@ import redis
 from service import bundle as fmt
 from service.history import MAX_TIMESTAMP
 from service.recommender import Recommender
+from service.schemas import MAX_ID_LENGTH, check_id
 from trainer.config import TrainConfig
 from trainer.data import EVENT_COLUMNS
 from trainer.dataset import SequenceDataset, build_dataset
@@ -168,13 +169,12 @@ def _id_field(event: dict[str, Any], name: str) -> str:
     value = event[name]
     if not isinstance(value, str):
         raise Malformed(f"{name}: a string expected, got {type(value).__name__}")
-    if not value.strip():
-        raise Malformed(f"{name}: empty")
+    if not 0 < len(value) <= MAX_ID_LENGTH:
+        raise Malformed(f"{name}: {len(value)} characters, not 1..{MAX_ID_LENGTH}")
     try:
-        value.encode("utf-8")  # a JSON escape can make a lone surrogate, which Parquet refuses
-    except UnicodeEncodeError as exc:
-        raise Malformed(f"{name}: not valid Unicode") from exc
-    return value
+        return check_id(value)  # the API's own id rule (a lone surrogate: Parquet refuses it)
+    except ValueError as exc:
+        raise Malformed(f"{name}: {exc}") from exc
 
 
 def _timestamp(event: dict[str, Any]) -> int:
