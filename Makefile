@@ -39,7 +39,7 @@ lint: install
 
 # Train on the embedded MovieLens and publish a bundle, unless one exists already.
 train: install
-	$(PY) -m trainer train --dataset movielens-small --backbone comirec-sa --seed 0 \
+	$(PY) -m trainer train --dataset movielens-small --seed 0 \
 	  --max-minutes 4 --out $(MODELS_DIR) --name $(MODEL_NAME) --if-missing
 
 # Serve the newest bundle. Without REDIS_URL histories live in the process (single process).

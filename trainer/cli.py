@@ -29,7 +29,15 @@ from service.bundle import (
     read_manifest,
 )
 from service.history import EVENT_GROUP, EVENT_STREAM
-from trainer.config import BACKBONES, LLM_BACKENDS, LOSSES, MATCHING_RULES, TrainConfig
+from trainer.config import (
+    BACKBONES,
+    ESIM_LEVELS,
+    INTEREST_LOSSES,
+    LLM_BACKENDS,
+    LOSSES,
+    MATCHING_RULES,
+    TrainConfig,
+)
 from trainer.data import FORMATS, DataError
 from trainer.dataset import EvalSplit, SequenceDataset, build_dataset
 from trainer.esim import EsimError, esim_setup
@@ -68,7 +76,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             return {"skipped": True, "bundle": str(path)}
     cfg = TrainConfig(
         backbone=args.backbone, interests=args.interests, dim=args.dim, maxlen=args.maxlen,
-        lr=args.lr, batch_size=args.batch_size, loss=args.loss, max_epochs=args.epochs,
+        lr=args.lr, batch_size=args.batch_size, loss=args.loss, interest_loss=args.interest_loss,
+        max_epochs=args.epochs,
         eval_every=args.eval_every, patience=args.patience, max_minutes=args.max_minutes,
         seed=args.seed, split_seed=args.split_seed, folds=args.folds, fold=args.fold,
         threads=args.threads,
@@ -76,7 +85,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         esim_clusters=args.esim_clusters, esim_users_per_cluster=args.esim_users_per_cluster,
         esim_llm_budget=args.llm_budget, esim_labels=args.esim_labels,
         esim_alpha=args.esim_alpha, esim_beta=args.esim_beta, esim_tau=args.esim_tau,
-        esim_matching=args.esim_matching,
+        esim_matching=args.esim_matching, esim_level=args.esim_level,
+        esim_crowds=args.esim_crowds, esim_crowd_items=args.esim_crowd_items,
+        esim_merge_threshold=args.esim_merge_threshold, esim_batch_users=args.esim_batch_users,
     )
     spec = data_spec(args)
     raw = load_spec(spec)
@@ -85,7 +96,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = Path(args.run_dir) if args.run_dir else runs_root() / (
         f"{dataset.name}-{cfg.backbone}-k{cfg.interests}-seed{cfg.seed}"
         + (f"-fold{cfg.fold}of{cfg.folds}" if cfg.folds else "")
-        + (f"-esim-{cfg.llm}" if cfg.esim else ""))
+        + (f"-esim-{cfg.llm}" if cfg.esim else "")
+        + (f"-{cfg.esim_level}" if cfg.esim and cfg.esim_level != "individual" else ""))
     make_run_dir(run_dir)  # before training, so a bad location fails in seconds, not hours
     llm_settings = LLMSettings(**{k: v for k, v in (
         ("base_url", args.llm_base_url), ("model", args.llm_model),
@@ -305,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=defaults.lr)
     t.add_argument("--batch-size", type=int, default=defaults.batch_size)
     t.add_argument("--loss", choices=LOSSES, default=defaults.loss)
+    t.add_argument("--interest-loss", choices=INTEREST_LOSSES, default=defaults.interest_loss,
+                   help="how the K interests score an item in training: max = the best "
+                        "interest's score, as retrieval merges (default); argmax = ComiRec's "
+                        "readout of the interest closest to the target")
     t.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps")
     t.add_argument("--patience", type=int, default=defaults.patience, help="evaluations")
     t.add_argument("--max-minutes", type=float, default=defaults.max_minutes)
@@ -322,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--esim", action="store_true", help="add the ESIM losses after a warm-up")
     g.add_argument("--llm", choices=LLM_BACKENDS, default=defaults.llm,
                    help="who names the interests: local SmolLM2 (default), an OpenAI-compatible "
-                        "endpoint (LLM_BASE_URL, LLM_MODEL, LLM_API_KEY), or item categories")
+                        "endpoint (LLM_BASE_URL, LLM_MODEL, LLM_API_KEY), item categories "
+                        "(metadata, no LLM), or ORACLE: the true planted topics of synthetic "
+                        "data (an upper bound, no LLM)")
     g.add_argument("--llm-budget", type=int, help="at most this many LLM-labelled users "
                    "(default clusters x users-per-cluster)")
     g.add_argument("--llm-base-url", help="overrides LLM_BASE_URL")
@@ -339,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--esim-tau", type=float, default=defaults.esim_tau,
                    help="InfoNCE temperature")
     g.add_argument("--esim-matching", choices=MATCHING_RULES, default=defaults.esim_matching)
+    g.add_argument("--esim-level", choices=ESIM_LEVELS, default=defaults.esim_level,
+                   help="who is supervised: typical users (individual), every member of crowds "
+                        "of similar users through one synthesized user per crowd (crowd), both")
+    g.add_argument("--esim-crowds", type=int, default=defaults.esim_crowds,
+                   help="crowds (one labeller call each) at the crowd level")
+    g.add_argument("--esim-crowd-items", type=int, default=defaults.esim_crowd_items,
+                   help="items of a synthesized user (max-cover prompt budget)")
+    g.add_argument("--esim-merge-threshold", type=float,
+                   default=defaults.esim_merge_threshold,
+                   help="cosine at which a crowd's interests count as one and are merged")
+    g.add_argument("--esim-batch-users", type=int, default=defaults.esim_batch_users,
+                   help="supervised users in the ESIM losses per training step")
     add_publish_options(t, required=False)
     t.add_argument("--if-missing", action="store_true",
                    help="do nothing if --out already holds a bundle of --name")

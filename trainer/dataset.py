@@ -71,6 +71,29 @@ class SequenceDataset:
         positions = np.arange(int(n_targets.sum())) - first + MIN_TARGET_POSITION
         return users, positions
 
+    def train_windows(self, maxlen: int, rng: np.random.Generator | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """(user, end) pairs for backbones trained on every position: the history window
+        [end - maxlen, end) predicts positions end - maxlen + 1 .. end, so windows ending at
+        n - 1, n - 1 - r - maxlen, n - 1 - r - 2 maxlen, ... cover every position 1..n-1 of
+        a training user once or twice per epoch. r (random per user with `rng`, else 0)
+        moves the window borders from epoch to epoch; the latest window is always kept."""
+        lengths = self.offsets[self.train_users + 1] - self.offsets[self.train_users]
+        users, ends = [], []
+        shifts = (rng.integers(0, maxlen, len(lengths)) if rng is not None
+                  else np.zeros(len(lengths), dtype=np.int64))
+        for user, n, shift in zip(self.train_users, lengths, shifts, strict=True):
+            if n < 2:
+                continue
+            user_ends = np.arange(n - 1 - shift, 0, -maxlen)
+            if shift:
+                user_ends = np.concatenate([[n - 1], user_ends])
+            users.append(np.full(len(user_ends), user))
+            ends.append(user_ends)
+        if not users:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(users).astype(np.int64), np.concatenate(ends).astype(np.int64)
+
     def histories(self, users: np.ndarray, ends: np.ndarray, maxlen: int) -> np.ndarray:
         """Right-aligned histories: items [end - maxlen, end) of each user's sequence."""
         starts = self.offsets[users]

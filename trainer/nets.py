@@ -27,12 +27,9 @@ class Negatives:
 
     ids: Tensor  # [S] internal item ids
     log_q: Tensor  # [S]
-    target_log_q: Tensor  # [B] logQ of each positive, for the same correction
-    log_q_table: Tensor | None = None  # [N + 1] logQ of every item (positives at any position)
+    log_q_table: Tensor  # [N + 1] logQ of every item, for the positives' same correction
 
     def log_q_of(self, items: Tensor) -> Tensor:
-        if self.log_q_table is None:
-            raise ValueError("this loss needs the sampler's logQ table")
         return self.log_q_table[items]
 
 
@@ -43,9 +40,14 @@ class Encoded:
 
 
 class MultiInterestEncoder(nn.Module):
+    # True: `loss` trains every history position (the training loop feeds whole windows of
+    # each sequence); False: only the last position (one example per target).
+    every_position = False
+
     def __init__(self, n_items: int, cfg: TrainConfig) -> None:
         super().__init__()
         self.n_items, self.dim = n_items, cfg.dim
+        self.interest_loss = cfg.interest_loss
         self.num_interests, self.maxlen = cfg.interests, cfg.maxlen
         self.item_embedding = nn.Embedding(n_items + 1, cfg.dim, padding_idx=0)
         nn.init.xavier_uniform_(self.item_embedding.weight)
@@ -63,20 +65,78 @@ class MultiInterestEncoder(nn.Module):
         return self.item_embedding.weight[1:]
 
     def loss(self, item_ids: Tensor, targets: Tensor, negatives: Negatives | None = None) -> Tensor:
-        """Softmax over the catalogue (full) or over shared negatives with logQ correction;
-        the user vector is the interest closest to the target (hard argmax readout)."""
-        interests = self(item_ids)
+        """Softmax of the target against the catalogue (full) or against shared negatives with
+        logQ correction (sampled); see `interest_scores` for how K interests score an item."""
+        return self.interest_softmax_loss(self(item_ids), targets, negatives)
+
+    def interest_softmax_loss(self, interests: Tensor, targets: Tensor,
+                              negatives: Negatives | None) -> Tensor:
+        """interests [P, K, d], targets [P] -> mean cross-entropy.
+
+        `max` (default): an item's score is its best inner product over the K interests,
+        for the target and for every negative alike: the rule retrieval merges the K lists
+        by, so the model is trained for the ranking it serves. `argmax` (ComiRec's): the
+        interest closest to the target is the user vector and scores every item; another
+        interest that scores a negative highly goes unpunished."""
         target_vec = self.item_embedding(targets)
-        best = torch.einsum("bkd,bd->bk", interests, target_vec).argmax(dim=1)
-        user = interests[torch.arange(len(targets)), best]
+        if self.interest_loss == "argmax":
+            best = torch.einsum("pkd,pd->pk", interests, target_vec).argmax(dim=1)
+            return self.softmax_loss(interests[torch.arange(len(targets)), best], targets,
+                                     negatives)
         if negatives is None:
-            logits = user @ self.item_vectors().T
-            return F.cross_entropy(logits, targets - 1)
-        pos = (user * target_vec).sum(-1) - negatives.target_log_q
-        neg = user @ self.item_embedding(negatives.ids).T - negatives.log_q
-        neg = neg.masked_fill(negatives.ids[None, :] == targets[:, None], float("-inf"))
-        logits = torch.cat([pos[:, None], neg], dim=1)
-        return F.cross_entropy(logits, torch.zeros_like(targets))
+            return F.cross_entropy(BestInterestScore.apply(interests, self.item_vectors()),
+                                   targets - 1)
+        pos = torch.einsum("pkd,pd->pk", interests, target_vec).amax(dim=1)
+        neg = BestInterestScore.apply(interests, self.item_embedding(negatives.ids))
+        return self._sampled_loss(pos, neg, targets, negatives)
+
+    def softmax_loss(self, users: Tensor, wanted: Tensor, negatives: Negatives | None) -> Tensor:
+        """Cross-entropy of user vectors [P, d] against their next items [P]: over the whole
+        catalogue, or over the shared negatives with the logQ correction."""
+        if negatives is None:
+            return F.cross_entropy(users @ self.item_vectors().T, wanted - 1)
+        pos = (users * self.item_embedding(wanted)).sum(-1)
+        return self._sampled_loss(pos, users @ self.item_embedding(negatives.ids).T, wanted,
+                                  negatives)
+
+    @staticmethod
+    def _sampled_loss(pos: Tensor, neg: Tensor, wanted: Tensor, negatives: Negatives) -> Tensor:
+        """pos [P], neg [P, S] raw scores -> logQ-corrected softmax loss; a negative that is
+        the positive itself is masked out."""
+        pos = pos - negatives.log_q_of(wanted)
+        neg = (neg - negatives.log_q).masked_fill(negatives.ids[None, :] == wanted[:, None],
+                                                  float("-inf"))
+        return F.cross_entropy(torch.cat([pos[:, None], neg], dim=1), torch.zeros_like(wanted))
+
+
+class BestInterestScore(torch.autograd.Function):
+    """scores[p, n] = max_k <interests[p, k], items[n]>, the same as
+    einsum("pkd,nd->pkn").amax(1), without materialising [P, K, N] (forward) or its gradient
+    (backward): K matrix products and the index of the winning interest. Twice as fast as
+    amax on CPU, where its backward dominated a training step."""
+
+    @staticmethod
+    def forward(ctx, interests: Tensor, items: Tensor) -> Tensor:  # [P, K, d], [N, d]
+        best = interests[:, 0] @ items.T
+        winner = torch.zeros(best.shape, dtype=torch.uint8, device=best.device)
+        for k in range(1, interests.shape[1]):
+            scores = interests[:, k] @ items.T
+            better = scores > best
+            best = torch.where(better, scores, best)
+            winner.masked_fill_(better, k)
+        ctx.save_for_backward(interests, items, winner)
+        return best
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        interests, items, winner = ctx.saved_tensors
+        grad_interests = torch.empty_like(interests)
+        grad_items = torch.zeros_like(items)
+        for k in range(interests.shape[1]):
+            grad_k = grad * (winner == k)  # only the winning interest gets the gradient
+            grad_interests[:, k] = grad_k @ items
+            grad_items += grad_k.T @ interests[:, k]
+        return grad_interests, grad_items
 
 
 class ComiRecSA(MultiInterestEncoder):
@@ -214,6 +274,7 @@ class SASRec(MultiInterestEncoder):
 
     blocks_count = 2
     dropout = 0.2
+    every_position = True
 
     def __init__(self, n_items: int, cfg: TrainConfig) -> None:
         super().__init__(n_items, cfg)
@@ -248,16 +309,59 @@ class SASRec(MultiInterestEncoder):
         """Every position predicts the item that follows it: the history shifted by one, then
         the target. Padding positions are left out."""
         hidden, _ = self.sequence(item_ids)  # [B, L, d]
-        following = torch.cat([item_ids[:, 1:], targets[:, None]], dim=1)  # [B, L]
-        keep = item_ids != 0
-        users, wanted = hidden[keep], following[keep]  # [P, d], [P]
-        if negatives is None:
-            return F.cross_entropy(users @ self.item_vectors().T, wanted - 1)
-        pos = (users * self.item_embedding(wanted)).sum(-1) - negatives.log_q_of(wanted)
-        neg = users @ self.item_embedding(negatives.ids).T - negatives.log_q
-        neg = neg.masked_fill(negatives.ids[None, :] == wanted[:, None], float("-inf"))
-        return F.cross_entropy(torch.cat([pos[:, None], neg], dim=1),
-                               torch.zeros_like(wanted))
+        following, keep = next_items(item_ids, targets)
+        return self.softmax_loss(hidden[keep], following[keep], negatives)
+
+
+def next_items(item_ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """The item after every history position [B, L] (the history shifted by one, then the
+    target), and which positions are real items (not padding) [B, L]."""
+    return torch.cat([item_ids[:, 1:], targets[:, None]], dim=1), item_ids != 0
+
+
+class TransformerSA(SASRec):
+    """SASRec's causal self-attention blocks under ComiRec-SA's K interest heads.
+
+    The blocks give every position a contextualised state; the K heads then attend over the
+    states up to each position, so every position has its own K interests and, as in SASRec,
+    every position is trained to predict the item that follows it, an item scoring by its
+    best interest (`interest_loss`). Serving reads the K interests after the latest item,
+    the training computation at the last position. It replaced ComiRec-SA as the default
+    (docs/results.md: 10-fold comparison)."""
+
+    def __init__(self, n_items: int, cfg: TrainConfig) -> None:
+        super().__init__(n_items, cfg)
+        self.num_interests = cfg.interests
+        self.hidden = nn.Linear(cfg.dim, 4 * cfg.dim)
+        self.heads = nn.Linear(4 * cfg.dim, cfg.interests)
+
+    def interests_at_every_position(self, item_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Interests [B, L, K, d] after every position, and the last position's attention
+        weights [B, K, L]."""
+        states, _ = self.sequence(item_ids)  # [B, L, d]
+        length = item_ids.shape[1]
+        logits = self.heads(torch.tanh(self.hidden(states))).transpose(1, 2)  # [B, K, L]
+        causal = torch.tril(torch.ones(length, length, dtype=torch.bool,
+                                       device=item_ids.device))
+        allowed = causal[None, None] & (item_ids != 0)[:, None, None, :]  # [B, 1, Lq, Lk]
+        per_query = logits[:, :, None, :].masked_fill(~allowed, MASK_LOGIT)  # [B, K, Lq, Lk]
+        # A padding query allows no key: zero weights, not a uniform mix of later items.
+        weights = torch.softmax(per_query, dim=-1) * allowed
+        interests = (weights @ states[:, None]).transpose(1, 2)  # [B, L, K, d]
+        return interests, weights[:, :, -1]
+
+    def encode(self, item_ids: Tensor) -> Encoded:
+        # The last row of interests_at_every_position (the latest item sees every earlier
+        # one), without computing the other rows: this is the served graph.
+        states, _ = self.sequence(item_ids)
+        logits = self.heads(torch.tanh(self.hidden(states))).transpose(1, 2)  # [B, K, L]
+        weights = torch.softmax(logits.masked_fill((item_ids == 0)[:, None], MASK_LOGIT), -1)
+        return Encoded(weights @ states, weights)
+
+    def loss(self, item_ids: Tensor, targets: Tensor, negatives: Negatives | None = None) -> Tensor:
+        interests, _ = self.interests_at_every_position(item_ids)
+        following, keep = next_items(item_ids, targets)
+        return self.interest_softmax_loss(interests[keep], following[keep], negatives)
 
 
 BACKBONE_CLASSES: dict[str, type[MultiInterestEncoder]] = {
@@ -265,6 +369,7 @@ BACKBONE_CLASSES: dict[str, type[MultiInterestEncoder]] = {
     "comirec-dr": ComiRecDR,
     "mind": MIND,
     "sasrec": SASRec,
+    "transformer-sa": TransformerSA,
 }
 
 

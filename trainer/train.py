@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # The selection metric on a catalogue large enough for it (see selection_cutoff).
 SELECTION_METRIC = "recall@50"
+# Validations per epoch when cfg.eval_every is 0 (auto).
+EVALS_PER_EPOCH = 3
 # How often (steps) the progress bar's total and postfix are refreshed between evaluations.
 PROGRESS_EVERY = 20
 
@@ -73,6 +75,16 @@ def projected_total_steps(step: int, best_step: int | None, *, max_steps: int, e
     return max(total, step)
 
 
+def uses_full_softmax(model: MultiInterestEncoder, n_items: int) -> bool:
+    """loss == "auto": a full softmax on a small catalogue (DESIGN 4), except where every
+    position scores the catalogue with K interests (K x maxlen times a ComiRec step: 2.7x
+    slower per step than 1,280 shared negatives on the embedded data, for no measurable gain
+    on validation)."""
+    if model.every_position and model.num_interests > 1:
+        return False
+    return n_items <= FULL_SOFTMAX_MAX_ITEMS
+
+
 class LogUniformSampler:
     """Negatives drawn log-uniformly over popularity ranks (TF's log_uniform_candidate_sampler,
     as ComiRec), with log Q(item) for the logQ correction."""
@@ -87,12 +99,11 @@ class LogUniformSampler:
         self.log_range = math.log(n + 1)
         self.n = n
 
-    def sample(self, count: int, targets: torch.Tensor, generator: torch.Generator) -> Negatives:
+    def sample(self, count: int, generator: torch.Generator) -> Negatives:
         u = torch.rand(count, generator=generator, dtype=torch.float64)
         ranks = (torch.exp(u * self.log_range).floor().long() - 1).clamp_(0, self.n - 1)
         ids = self.rank_to_item[ranks]
-        return Negatives(ids=ids, log_q=self.log_q[ids], target_log_q=self.log_q[targets],
-                         log_q_table=self.log_q)
+        return Negatives(ids=ids, log_q=self.log_q[ids], log_q_table=self.log_q)
 
 
 @dataclass
@@ -149,11 +160,13 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
     rng = np.random.default_rng(cfg.seed)
 
     model = build_encoder(dataset.n_items, cfg)
-    users, positions = dataset.train_examples()
+    if model.every_position:  # whole windows, borders moved every epoch
+        users, positions = dataset.train_windows(cfg.maxlen)
+    else:  # one example per (user, target position)
+        users, positions = dataset.train_examples()
     if len(users) == 0:
         raise ValueError("no training examples: every training user has fewer than 5 items")
-    targets_all = dataset.flat[dataset.offsets[users] + positions]
-    full = cfg.loss == "full" or (cfg.loss == "auto" and dataset.n_items <= FULL_SOFTMAX_MAX_ITEMS)
+    full = cfg.loss == "full" or (cfg.loss == "auto" and uses_full_softmax(model, dataset.n_items))
     sampler = None if full else LogUniformSampler(dataset.popularity())
     if full:
         optimisers = [torch.optim.Adam(model.parameters(), lr=cfg.lr)]
@@ -172,6 +185,7 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
         raise ValueError("cfg.esim is set but no esim_setup was given")
     esim_objective, esim_report = None, None
     steps_per_epoch = math.ceil(len(users) / cfg.batch_size)
+    eval_every = cfg.eval_every or max(1, math.ceil(steps_per_epoch / EVALS_PER_EPOCH))
     esim_start = max(1, round(cfg.esim_warmup_epochs * steps_per_epoch)) if cfg.esim else None
     if esim_start is not None and esim_start > steps_per_epoch * cfg.max_epochs:
         raise ValueError(f"the ESIM warm-up ({cfg.esim_warmup_epochs} epochs) is longer than "
@@ -196,25 +210,28 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
     def show_progress(**postfix: str) -> None:
         # The bar ends where training will stop if validation does not improve any more,
         # not at the epoch budget (which early stopping or the time cap usually cut short).
-        stop = early_stop_step(step, selected_step, cfg.eval_every, cfg.patience, esim_start)
+        stop = early_stop_step(step, selected_step, eval_every, cfg.patience, esim_start)
         total = projected_total_steps(
-            step, selected_step, max_steps=max_steps, eval_every=cfg.eval_every,
+            step, selected_step, max_steps=max_steps, eval_every=eval_every,
             patience=cfg.patience, esim_start=esim_start,
             elapsed_s=time.perf_counter() - started, max_minutes=cfg.max_minutes)
-        evals_left = max(0, math.ceil((stop - step) / cfg.eval_every))
+        evals_left = max(0, math.ceil((stop - step) / eval_every))
         bar.set_postfix(**postfix, evals_left=evals_left, refresh=False)
         if total != bar.total:
             bar.total = total
         bar.refresh()
 
     bar = tqdm(total=projected_total_steps(0, None, max_steps=max_steps,
-                                           eval_every=cfg.eval_every, patience=cfg.patience,
+                                           eval_every=eval_every, patience=cfg.patience,
                                            esim_start=esim_start),
                disable=not progress, desc=f"train {cfg.backbone}", unit="step",
                dynamic_ncols=True)
     running = None
     try:  # the bar is closed even when training is interrupted (the nightly scheduler's stop)
-        for _epoch in range(cfg.max_epochs):
+        for epoch in range(cfg.max_epochs):
+            if model.every_position and epoch:
+                users, positions = dataset.train_windows(cfg.maxlen, rng)
+            targets_all = dataset.flat[dataset.offsets[users] + positions]
             order = rng.permutation(len(users))
             for lo in range(0, len(order), cfg.batch_size):
                 batch = order[lo : lo + cfg.batch_size]
@@ -224,7 +241,7 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                 negatives = None
                 if sampler is not None:
                     count = cfg.negatives_per_example * cfg.batch_size
-                    negatives = sampler.sample(count, targets, generator)
+                    negatives = sampler.sample(count, generator)
                 if step == esim_start:
                     esim_objective, esim_report = esim_setup(model)
                     optimisers.append(torch.optim.Adam(esim_objective.parameters(), lr=cfg.lr))
@@ -247,7 +264,7 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                 running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
                 bar.update(1)
 
-                if step % cfg.eval_every == 0:
+                if step % eval_every == 0:
                     metrics = evaluate_model(model, valid, cutoffs)
                     curve.append({"step": step, "loss": running, **metrics,
                                   **{f"esim_{k}": v for k, v in esim_parts.items()}})

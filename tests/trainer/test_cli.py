@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from trainer.config import TrainConfig
 from trainer.synthetic import make_synthetic
 
 SYNTH = "users=200,items=150,topics=10,min_len=10,max_len=20"
@@ -35,7 +36,7 @@ def test_train_prints_test_and_mostpop_metrics_as_last_line(trained):
     for key in ("test", "mostpop", "valid"):
         assert set(report[key]) >= {"recall@20", "recall@50", "ndcg@20", "ndcg@50",
                                     "hitrate@20", "hitrate@50"}
-    assert report["backbone"] == "comirec-sa" and report["interests"] == 4
+    assert report["backbone"] == TrainConfig().backbone and report["interests"] == 4
     assert json.loads((out / "metrics.json").read_text())["test"] == report["test"]
     assert (out / "checkpoint.pt").is_file()
 

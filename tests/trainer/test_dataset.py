@@ -52,6 +52,32 @@ def test_train_examples_and_right_aligned_histories():
     assert hist.tolist() == [0, 0] + seq[:5].tolist()
 
 
+def test_train_windows_cover_every_position_and_move_each_epoch():
+    ds = build_dataset(make_synthetic(n_users=50, n_items=60, n_topics=6, min_len=8, max_len=30))
+    maxlen = 5
+
+    def covered(users, ends):
+        seen: dict[int, list[int]] = {}
+        for u, e in zip(users, ends, strict=True):
+            # the window [e - maxlen, e) predicts positions e - maxlen + 1 .. e
+            seen.setdefault(int(u), []).extend(range(max(1, e - maxlen + 1), e + 1))
+        return seen
+
+    fixed = ds.train_windows(maxlen)
+    assert all(np.array_equal(a, b) for a, b in zip(fixed, ds.train_windows(maxlen), strict=True))
+    rng = np.random.default_rng(0)
+    moved = [ds.train_windows(maxlen, rng) for _ in range(2)]
+    assert not np.array_equal(moved[0][1], moved[1][1])  # borders move between epochs
+    for users, ends in [fixed, *moved]:
+        seen = covered(users, ends)
+        assert set(seen) == set(ds.train_users.tolist())  # training users only
+        for u, positions in seen.items():
+            n = len(ds.sequence(u))
+            assert sorted(set(positions)) == list(range(1, n))  # every target position
+            assert max(np.bincount(positions)) <= 2  # at most twice (the latest window)
+            assert n - 1 in ends[users == u]  # the latest item is always a target
+
+
 def test_eval_split_uses_first_80_percent_as_history():
     ds = build_dataset(make_synthetic(n_users=50, n_items=60, n_topics=6, min_len=10, max_len=10))
     split = ds.eval_split("test", maxlen=5)

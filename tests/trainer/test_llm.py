@@ -12,15 +12,19 @@ import pytest
 
 from trainer.llm import (
     METADATA_SOURCE,
+    ORACLE_SOURCE,
     AnswerSchema,
     ChatLabeller,
     LLMSettings,
     MetadataLabeller,
     OpenAIChat,
+    OracleError,
+    OracleLabeller,
     PromptItem,
     ResponseCache,
     build_messages,
     label_users,
+    make_labeller,
     parse_answer,
 )
 
@@ -274,6 +278,50 @@ def test_metadata_labeller_uses_categories_and_says_so():
     assert [i.name for i in interests] == ["Action", "Animation"]
     assert [i.items for i in interests] == [[1, 3], [0, 2]]
     assert labeller.stats.source == METADATA_SOURCE and labeller.stats.backend == "metadata"
+
+
+# --- oracle (true planted topics of synthetic data) ---------------------------------------------
+
+
+def test_oracle_returns_every_true_topic_of_the_items():
+    items = [PromptItem(f"item {n}", None, (f"topic-{t}",))
+             for n, t in enumerate([7, 2, 7, 5, 2, 7, 9])]
+    labeller = make_labeller("oracle", max_interests=4)
+    interests = labeller.label(items)
+    # Largest group first; every item sits in the group of its own topic.
+    assert [(i.name, i.items) for i in interests] == [
+        ("topic-7", [0, 2, 5]), ("topic-2", [1, 4]), ("topic-5", [3]), ("topic-9", [6])]
+    assert all("true planted topic" in i.description for i in interests)
+    assert labeller.stats.source == ORACLE_SOURCE and labeller.stats.backend == "oracle"
+    # At most K: the smallest groups (ties: the later first item) are left out.
+    assert [i.name for i in OracleLabeller(2).label(items)] == ["topic-7", "topic-2"]
+
+
+def test_oracle_uses_the_topics_the_synthetic_generator_planted(tiny_dataset):
+    from trainer.esim import last_histories, prompt_items
+
+    user = tiny_dataset.train_users[:1]
+    history = last_histories(tiny_dataset, user, 20)[0]
+    history = history[history > 0]
+    truth = [str(tiny_dataset.categories[i]) for i in history]  # written by make_synthetic
+    interests = OracleLabeller(10).label(prompt_items(tiny_dataset, history))
+    assert sorted(i.name for i in interests) == sorted(set(truth))
+    assert {n: i.name for i in interests for n in i.items} == dict(enumerate(truth))
+
+
+def test_oracle_refuses_items_without_a_planted_topic(tiny_dataset):
+    from dataclasses import replace
+
+    from trainer.config import TrainConfig
+    from trainer.esim import esim_setup
+
+    with pytest.raises(OracleError, match="needs synthetic data"):
+        OracleLabeller(4).label(ITEMS)  # MovieLens-like items: genres, no true topic
+    movies = replace(tiny_dataset, categories=tiny_dataset.categories.astype(object))
+    movies.categories[5] = "Comedy|Drama"
+    cfg = TrainConfig(esim=True, llm="oracle")
+    with pytest.raises(OracleError, match="'Comedy', 'Drama'"):  # before any training
+        esim_setup(movies, cfg, None, progress=False)
 
 
 # --- local SmolLM2 on one real user -------------------------------------------------------------

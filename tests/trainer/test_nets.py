@@ -5,14 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.config import BACKBONES, TrainConfig
-from trainer.nets import Negatives, build_encoder
+from trainer.config import BACKBONES, SINGLE_INTEREST_BACKBONES, TrainConfig
+from trainer.nets import BestInterestScore, Negatives, build_encoder
 from trainer.train import LogUniformSampler
 
 
-def make(backbone, n_items=30, k=3, d=8, maxlen=6):
+def make(backbone, n_items=30, k=3, d=8, maxlen=6, interest_loss="max"):
     torch.manual_seed(0)
-    return build_encoder(n_items, TrainConfig(backbone=backbone, interests=k, dim=d, maxlen=maxlen))
+    return build_encoder(n_items, TrainConfig(backbone=backbone, interests=k, dim=d, maxlen=maxlen,
+                                              interest_loss=interest_loss))
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -20,7 +21,7 @@ def test_shapes_padding_and_gradients(backbone):
     model = make(backbone)
     ids = torch.tensor([[0, 0, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
     enc = model.encode(ids)
-    k = 1 if backbone == "sasrec" else 3  # SASRec is single-interest whatever K says
+    k = 1 if backbone in SINGLE_INTEREST_BACKBONES else 3  # SASRec: one whatever K says
     assert enc.interests.shape == (3, k, 8) and enc.weights.shape == (3, k, 6)
     assert torch.isfinite(enc.interests).all()
     # Padded positions feed no interest.
@@ -41,8 +42,8 @@ def test_padding_values_do_not_leak(backbone):
     assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_full_softmax_loss_uses_hard_argmax_readout():
-    model = make("comirec-sa").eval()
+def test_argmax_loss_is_comirecs_hard_readout():
+    model = make("comirec-sa", interest_loss="argmax").eval()
     ids, targets = torch.tensor([[0, 1, 2, 3, 4, 5]]), torch.tensor([9])
     interests = model(ids)[0]
     target_vec = model.item_embedding.weight[9]
@@ -52,16 +53,52 @@ def test_full_softmax_loss_uses_hard_argmax_readout():
     assert torch.allclose(model.loss(ids, targets), expected)
 
 
-def test_sampled_softmax_applies_logq_and_masks_accidental_hits():
+def test_max_loss_scores_every_item_by_its_best_interest():
+    # the training rule is the serving merge: an item's score is its best interest's
     model = make("comirec-sa").eval()
     ids, targets = torch.tensor([[0, 1, 2, 3, 4, 5]]), torch.tensor([9])
-    negatives = Negatives(ids=torch.tensor([9, 11, 12]), log_q=torch.tensor([-1.0, -2.0, -3.0]),
-                          target_log_q=torch.tensor([-1.0]))
+    interests = model(ids)[0]
+    logits = (interests @ model.item_embedding.weight[1:].T).amax(0)
+    expected = F.cross_entropy(logits[None], targets - 1)
+    assert torch.allclose(model.loss(ids, targets), expected, atol=1e-6)
+    # unlike argmax, a negative scored highly by another interest is punished
+    argmax = make("comirec-sa", interest_loss="argmax").eval()
+    assert model.loss(ids, targets) > argmax.loss(ids, targets)
+
+
+def test_best_interest_score_matches_amax_values_and_gradients():
+    torch.manual_seed(1)
+    interests = torch.randn(7, 4, 5, requires_grad=True)
+    items = torch.randn(11, 5, requires_grad=True)
+    weights = torch.randn(7, 11)
+    reference = torch.einsum("pkd,nd->pkn", interests, items).amax(1)
+    (reference * weights).sum().backward()
+    expected = interests.grad.clone(), items.grad.clone()
+    interests.grad = items.grad = None
+    fast = BestInterestScore.apply(interests, items)
+    (fast * weights).sum().backward()
+    assert torch.allclose(fast, reference, atol=1e-6)
+    assert torch.allclose(interests.grad, expected[0], atol=1e-5)
+    assert torch.allclose(items.grad, expected[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("interest_loss", ["argmax", "max"])
+def test_sampled_softmax_applies_logq_and_masks_accidental_hits(interest_loss):
+    model = make("comirec-sa", interest_loss=interest_loss).eval()
+    ids, targets = torch.tensor([[0, 1, 2, 3, 4, 5]]), torch.tensor([9])
+    table = torch.zeros(31)
+    table[[9, 11, 12]] = torch.tensor([-1.0, -2.0, -3.0])
+    negatives = Negatives(ids=torch.tensor([9, 11, 12]), log_q=table[[9, 11, 12]],
+                          log_q_table=table)
     interests = model(ids)[0]
     emb = model.item_embedding.weight
-    user = interests[int((interests @ emb[9]).argmax())]
-    pos = user @ emb[9] + 1.0
-    neg = torch.stack([user @ emb[11] + 2.0, user @ emb[12] + 3.0])  # 9 is masked out
+    if interest_loss == "argmax":
+        user = interests[int((interests @ emb[9]).argmax())]
+        score = {i: user @ emb[i] for i in (9, 11, 12)}
+    else:
+        score = {i: (interests @ emb[i]).max() for i in (9, 11, 12)}
+    pos = score[9] + 1.0
+    neg = torch.stack([score[11] + 2.0, score[12] + 3.0])  # 9 is masked out
     expected = -pos + torch.logsumexp(torch.cat([pos[None], neg]), 0)
     assert torch.allclose(model.loss(ids, targets, negatives), expected, atol=1e-6)
 
@@ -73,10 +110,10 @@ def test_log_uniform_sampler_follows_popularity_ranks():
     assert q.sum().item() == pytest.approx(1.0, abs=1e-6)
     assert q[1] > q[3] > q[0] > q[2]  # items 2 > 4 > 1 > 3
     assert q[1].item() == pytest.approx(math.log(2) / math.log(5), rel=1e-6)
-    sample = sampler.sample(20000, torch.tensor([2]), torch.Generator().manual_seed(0))
+    sample = sampler.sample(20000, torch.Generator().manual_seed(0))
     freq = torch.bincount(sample.ids, minlength=5)[1:].double() / 20000
     assert torch.allclose(freq, q.double(), atol=0.02)
-    assert sample.target_log_q.item() == pytest.approx(sampler.log_q[2].item())
+    assert sample.log_q_of(torch.tensor([2])).item() == pytest.approx(sampler.log_q[2].item())
 
 
 def test_sasrec_is_causal_and_trains_on_every_position():
@@ -103,7 +140,7 @@ def test_sasrec_is_causal_and_trains_on_every_position():
 def test_sasrec_sampled_loss_uses_logq_of_every_positive():
     model = make("sasrec").eval()
     sampler = LogUniformSampler(np.arange(31, dtype=np.int64))
-    negatives = sampler.sample(20, torch.tensor([7]), torch.Generator().manual_seed(0))
+    negatives = sampler.sample(20, torch.Generator().manual_seed(0))
     ids = torch.tensor([[0, 0, 3, 4, 5, 6]])
     loss = model.loss(ids, torch.tensor([7]), negatives)
     hidden, _ = model.sequence(ids)
@@ -124,3 +161,22 @@ def test_mind_draws_routing_logits_per_batch_in_training_and_serves_a_fixed_draw
     model.eval()
     assert torch.equal(model.initial_logits(ids), model.initial_logits(ids))
     assert torch.equal(model(ids), model(ids))  # serving is deterministic
+
+
+def test_transformer_sa_has_causal_interests_at_every_position_and_serves_the_last():
+    model = make("transformer-sa").eval()
+    ids = torch.tensor([[0, 0, 3, 4, 5, 6]])
+    changed = torch.tensor([[0, 0, 3, 4, 9, 6]])
+    with torch.no_grad():
+        a, _ = model.interests_at_every_position(ids)  # [1, L, K, d]
+        b, _ = model.interests_at_every_position(changed)
+        served = model(ids)
+    assert a.shape == (1, 6, 3, 8)
+    assert torch.allclose(a[0, :4], b[0, :4], atol=1e-6)  # earlier positions: unchanged
+    assert not torch.allclose(a[0, 4:], b[0, 4:])
+    assert torch.allclose(served, a[:, -1], atol=1e-6)  # serving = the last position
+    # every real position predicts the item after it, scored by its best interest
+    loss = model.loss(ids, torch.tensor([7]))
+    following = torch.tensor([4, 5, 6, 7])
+    logits = torch.einsum("pkd,nd->pkn", a[0, 2:], model.item_vectors()).amax(1)
+    assert torch.allclose(loss, F.cross_entropy(logits, following - 1), atol=1e-5)

@@ -15,6 +15,7 @@ import pytest
 from service import bundle as fmt
 from service.history import EVENT_GROUP, MAX_TIMESTAMP, Event, RedisHistoryStore
 from tests.conftest import TINY_SPEC
+from trainer.config import TrainConfig
 from trainer.data import load_event_log
 from trainer.nightly import NightlyOptions, RunLock, ingest, trim_acknowledged
 
@@ -363,7 +364,8 @@ def test_sigterm_during_a_cycle_abandons_it_cleanly(
         redisdb.xadd(STREAM, {"event": json.dumps(event.fields())})
     running = Running(nightly_cmd(tmp_path, redis_url, patient_models_dir, "--every", "0.2",
                                   "--epochs", "1000", "--max-minutes", "2"))
-    running.wait_for("stderr", "training comirec-sa:")  # the cycle is in train() now
+    # the cycle is in train() now (the served bundle's backbone: the default)
+    running.wait_for("stderr", f"training {TrainConfig().backbone}:")
     code, elapsed = running.stop(signal.SIGTERM)
     stderr = running.text("stderr")
     assert code == 0, stderr
