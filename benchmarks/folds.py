@@ -97,6 +97,20 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], folds: np.ndarra
     return out
 
 
+def training_seconds(paths: list[Path]) -> dict[str, float] | None:
+    """Training time of a variant's runs (metrics.json beside per_user.json): these runs
+    share the machine (`--jobs`), so they are slower than one run alone."""
+    seconds = []
+    for path in paths:
+        metrics = path.parent / "metrics.json"
+        if metrics.is_file():
+            seconds.append(json.loads(metrics.read_text())["train"]["seconds"])
+    if not seconds:
+        return None
+    return {"mean": float(np.mean(seconds)), "min": float(min(seconds)),
+            "max": float(max(seconds))}
+
+
 def markdown(summary: dict) -> str:
     lines = ["| variant | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for name, means in summary["means"].items():
@@ -140,6 +154,7 @@ def main() -> None:
         "dataset": args.dataset, "folds": args.folds, "users": len(users),
         "variants": {name: shlex.join(a) for name, a in variants.items()},
         "means": {name: {m: float(v[m].mean()) for m in METRICS} for name, v in arrays.items()},
+        "train_seconds": {name: training_seconds(paths) for name, paths in results.items()},
         "pairs": {f"{a} vs {b}": compare(arrays[a], arrays[b], folds)
                   for a, b in itertools.combinations(arrays, 2)},
     }

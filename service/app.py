@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import events, ops, recommend
+from service.batching import Batcher
 from service.deps import AppState
 from service.history import (
     EventLogFull,
@@ -223,7 +224,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state = AppState(
         settings=settings, store=make_store(settings), metrics=metrics,
         models=ModelManager(settings.models_dir, settings.model_name, settings.onnx_threads,
-                            settings.faiss_threads, on_reload=count_reload))
+                            settings.faiss_threads, on_reload=count_reload),
+        batcher=Batcher(settings.batch_max_size, settings.batch_window_ms, metrics)
+        if settings.batch_max_size > 1 else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -241,6 +244,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+            if state.batcher is not None:
+                await state.batcher.close()
             await state.store.close()
 
     # /docs and /redoc with their assets served from the package, so they work offline.

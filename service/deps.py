@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
+from service.batching import Batcher
 from service.history import HistoryStore
 from service.models import ModelManager
 from service.observability import Metrics
@@ -21,6 +22,7 @@ class AppState:
     store: HistoryStore
     models: ModelManager
     metrics: Metrics
+    batcher: Batcher | None = None  # None: each request computed alone
 
 
 def get_state(request: Request) -> AppState:

@@ -74,7 +74,9 @@ class ModelManager:
                 f"{bundle.path}: the directory is version {version} but its manifest says "
                 f"version {bundle.manifest.version}; publish with the trainer (or "
                 f"service.bundle.republish) or roll back by deleting newer versions")
-        return Recommender(bundle)
+        model = Recommender(bundle)
+        model.search_threads = search_threads(self.faiss_threads, model)
+        return model
 
     async def refresh(self) -> bool:
         """Serve the newest loadable version if it is newer (or any remaining one when the

@@ -64,6 +64,16 @@ class Metrics:
         self.reloads = Counter("recsys_reloads_total", "bundle loads", ["result"], registry=r)
         self.redis_errors = Counter(
             "recsys_redis_errors_total", "history store errors", registry=r)
+        self.batch_size = Histogram(
+            "recsys_batch_size", "requests per batched ONNX run", registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+        self.batch_queue_wait = Histogram(
+            "recsys_batch_queue_wait_seconds", "time a request waited for its batch to start",
+            registry=r, buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01,
+                                 0.02, 0.05, 0.1, 0.25, 1))
+        self.batch_fallbacks = Counter(
+            "recsys_batch_fallbacks_total", "batched runs that raised and were redone request "
+                                            "by request", registry=r)
         self.model_version = Gauge("recsys_model_version", "served bundle version", registry=r)
         # Set when /metrics is scraped (Redis store only).
         self.event_stream_length = Gauge(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import faiss
 import numpy as np
 
 from service.bundle import Bundle
@@ -24,6 +25,17 @@ class Recommendation:
     interest_counts: list[int] = field(default_factory=list)
 
 
+@dataclass
+class Query:
+    """A validated request, ready for the encoder: what a batch stacks and searches."""
+    row: np.ndarray  # [maxlen] right-aligned internal ids
+    k: int  # items to return (already capped by the catalogue minus exclusions)
+    n: int  # FAISS candidates per interest
+    excluded: np.ndarray  # 0-based rows never to return
+    used_history: int
+    unknown_items: int
+
+
 class Recommender:
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
@@ -33,6 +45,8 @@ class Recommender:
         # External id -> internal id (1..N); built once per bundle.
         self.internal = {item: i + 1 for i, item in enumerate(bundle.item_ids.tolist())}
         self.popular_rows = np.argsort(-bundle.popularity, kind="stable")
+        # FAISS threads for this index (ModelManager sets it before serving); 0 = leave as is.
+        self.search_threads = 0
 
     def to_internal(self, item_ids: list[str]) -> tuple[list[int], int]:
         """Known internal ids in order, and how many ids were unknown."""
@@ -41,6 +55,18 @@ class Recommender:
 
     def recommend(self, history: list[str], k: int, exclude: list[str] | None = None,
                   fanout: int = 50) -> Recommendation:
+        """One request alone: prepare, one ONNX run, one FAISS search, finish."""
+        query = self.prepare(history, k, exclude, fanout)
+        if isinstance(query, Recommendation):
+            return query
+        scores, rows = self.search(self.encode(query.row[None]), query.n)
+        return self.finish(query, scores[0], rows[0])
+
+    def prepare(self, history: list[str], k: int, exclude: list[str] | None = None,
+                fanout: int = 50) -> Query | Recommendation:
+        """The per-request part before the encoder (cheap, no model run): a Query to compute,
+        or the finished answer when there is nothing to encode (popularity fallback). Split
+        out so that a batcher can stack many requests' rows into one encoder run."""
         known, unknown = self.to_internal(history)
         excluded = np.array(sorted({self.internal[i] - 1 for i in (exclude or [])
                                     if i in self.internal}), dtype=np.int64)
@@ -48,19 +74,36 @@ class Recommender:
         if not known:
             return self._popular(k, excluded, unknown)
         recent = known[-self.maxlen :]
-        row = np.zeros((1, self.maxlen), dtype=np.int64)
-        row[0, self.maxlen - len(recent) :] = recent
-        interests = self.bundle.encode(row)[0]  # [K, d]
+        row = np.zeros(self.maxlen, dtype=np.int64)
+        row[self.maxlen - len(recent) :] = recent
         # Enough candidates per interest that exclusions and duplicates still leave k.
         n = min(self.item_count, max(fanout, k + len(excluded)))
-        scores, rows = self.bundle.search(interests, n)
-        ids, best, which = merge_interest_results(scores, rows, k, excluded)
+        return Query(row=row, k=k, n=n, excluded=excluded, used_history=len(recent),
+                     unknown_items=unknown)
+
+    def encode(self, rows: np.ndarray) -> np.ndarray:
+        """Histories [B, maxlen] -> interests [B, K, d] (one ONNX run)."""
+        return self.bundle.encode(rows)
+
+    def search(self, interests: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Interests [B, K, d] -> (scores, rows) [B, K, n] (one FAISS search for all B*K)."""
+        if self.search_threads and faiss.omp_get_max_threads() != self.search_threads:
+            # OpenMP's thread count is per calling thread: set it in whichever thread searches
+            # (the batcher's worker as well as the event loop).
+            faiss.omp_set_num_threads(self.search_threads)
+        b, k, d = interests.shape
+        scores, rows = self.bundle.search(interests.reshape(b * k, d), n)
+        return scores.reshape(b, k, n), rows.reshape(b, k, n)
+
+    def finish(self, query: Query, scores: np.ndarray, rows: np.ndarray) -> Recommendation:
+        """One request's [K, n] search results -> its merged, post-processed list."""
+        ids, best, which = merge_interest_results(scores, rows, query.k, query.excluded)
         counts = np.bincount(which, minlength=self.num_interests).tolist()
         return Recommendation(
             item_ids=self.bundle.item_ids[ids].tolist(), titles=self.bundle.titles[ids].tolist(),
             scores=best.astype(float).tolist(),
-            interests=which.tolist(), fallback=False, used_history=len(recent),
-            unknown_items=unknown, interest_counts=counts)
+            interests=which.tolist(), fallback=False, used_history=query.used_history,
+            unknown_items=query.unknown_items, interest_counts=counts)
 
     def _popular(self, k: int, excluded: np.ndarray, unknown: int) -> Recommendation:
         rows = self.popular_rows[: k + len(excluded)]

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     reload_interval_seconds: float = Field(5.0, gt=0)
     onnx_threads: int = Field(1, ge=1)
     faiss_threads: int = Field(0, ge=0, description="0 = auto (service/models.py)")
+    # Micro-batching of /recommend across requests (service/batching.py); 1 = off, each
+    # request computed alone on the event loop as before.
+    batch_max_size: int = Field(64, ge=1, le=4096, description="requests per ONNX run / FAISS "
+                                                               "search; 1 = no batching")
+    batch_window_ms: float = Field(1.0, ge=0, le=1000, description="how long a batch of "
+                                   "concurrent requests is held open for more (a lone request "
+                                   "is never held)")
     log_level: str = "INFO"
 
 

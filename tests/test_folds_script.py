@@ -69,3 +69,14 @@ def test_load_lines_users_up_across_variants_and_adds_mostpop(folds, tmp_path):
     assert set(arrays) == {"x", "y", folds.MOSTPOP}
     assert arrays["y"]["recall@50"].tolist() == [0, 1, 1]
     assert arrays[folds.MOSTPOP]["recall@50"].tolist() == [0, 0, 0.25]
+
+
+def test_training_seconds_summarises_the_runs_metrics(folds, tmp_path):
+    paths = []
+    for fold, seconds in enumerate([10.0, 30.0]):
+        run = tmp_path / f"fold-{fold}"
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps({"train": {"seconds": seconds}}))
+        paths.append(run / "per_user.json")
+    assert folds.training_seconds(paths) == {"mean": 20.0, "min": 10.0, "max": 30.0}
+    assert folds.training_seconds([tmp_path / "missing" / "per_user.json"]) is None

@@ -48,7 +48,11 @@ async def recommend(body: RecommendRequest, state: State, model: ServedModel) ->
                         extra={"error": str(exc)})
     history = stored + (body.history or [])
     exclude = body.exclude + (history if body.exclude_seen else [])
-    result = model.recommend(history, k, exclude, settings.per_interest_fanout)
+    if state.batcher is None:  # BATCH_MAX_SIZE=1: computed alone, on the event loop
+        result = model.recommend(history, k, exclude, settings.per_interest_fanout)
+    else:  # shares one encoder run and one search with concurrent requests, off the loop
+        result = await state.batcher.recommend(model, history, k, exclude,
+                                               settings.per_interest_fanout)
 
     metrics.recommendations.inc()
     metrics.unknown_items.inc(result.unknown_items)

@@ -128,7 +128,7 @@ def test_a_500_carries_its_request_id_and_keeps_the_connection(models_dir):
             def broken(*args, **kwargs):
                 raise RuntimeError("boom")
 
-            app.state.recsys.models.current.recommend = broken
+            app.state.recsys.models.current.prepare = broken
             conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
             body = json.dumps({"user_id": "u", "history": ["1"]})
             conn.request("POST", "/recommend", body, {"content-type": "application/json",

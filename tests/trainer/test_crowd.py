@@ -229,8 +229,8 @@ def test_objective_samples_a_batch_of_supervised_users(tiny_dataset, tiny_traine
 def test_crowd_level_trains_end_to_end(tiny_dataset, sentence_encoder, tmp_path):
     # ComiRec-SA: one example per target gives enough steps in one epoch of the tiny data
     cfg = TrainConfig(backbone="comirec-sa", max_epochs=1, eval_every=5, dim=16, seed=0,
-                      esim=True, llm="oracle", esim_level="crowd", esim_crowds=4, esim_warmup_epochs=0.5,
-                      esim_batch_users=32)
+                      esim=True, llm="oracle", esim_level="crowd", esim_crowds=4,
+                      esim_warmup_epochs=0.5, esim_batch_users=32)
 
     def setup(model):
         return prepare_esim(model, tiny_dataset, cfg, OracleLabeller(cfg.interests), tmp_path,
