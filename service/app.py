@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from service.history import (
     StoreUnavailable,
 )
 from service.models import ModelManager
-from service.observability import Metrics, configure_logging, request_id_var
+from service.observability import Metrics, configure_logging, mark_worker_dead, request_id_var
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("service.app")
@@ -224,7 +225,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state = AppState(
         settings=settings, store=make_store(settings), metrics=metrics,
         models=ModelManager(settings.models_dir, settings.model_name, settings.onnx_threads,
-                            settings.faiss_threads, on_reload=count_reload),
+                            settings.faiss_threads, on_reload=count_reload,
+                            mmap=settings.mmap_bundle),
         batcher=Batcher(settings.batch_max_size, settings.batch_window_ms, metrics)
         if settings.batch_max_size > 1 else None)
 
@@ -237,7 +239,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         extra={"models_dir": str(state.models.root)})
         watcher = asyncio.create_task(state.models.watch(settings.reload_interval_seconds))
         log.info("service started", extra={"store": state.store.kind,
-                                           "models": str(state.models.root)})
+                                           "models": str(state.models.root),
+                                           "pid": os.getpid()})
         try:
             yield
         finally:
@@ -247,6 +250,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if state.batcher is not None:
                 await state.batcher.close()
             await state.store.close()
+            mark_worker_dead()  # multiprocess metrics: this worker's live gauges go
 
     # /docs and /redoc with their assets served from the package, so they work offline.
     app = FastAPIOffline(title="EIMF multi-interest recommender", version="1",

@@ -12,6 +12,14 @@ A bundle is a directory `models/<name>/<version>/` (integer versions, TF Serving
 A version directory without a manifest is not a bundle and is never chosen. Bundles are built
 in a staging directory beside the versions and published by one atomic rename. Nothing is
 loaded with pickle.
+
+Loading memory-maps the large files (read-only, `mmap=True`), so that N worker processes
+serving one bundle share one copy in the page cache instead of holding N: the FAISS index
+(faiss.IO_FLAG_MMAP_IFC, zero-copy; flat, IVF and HNSW indexes all map), the .npy arrays
+(numpy memmap), and the encoder's large embedding tables (its N x d item table is as big as
+the index; see `service.mapping`). items.json is parsed into Python objects in each process.
+A published bundle's files are never modified in place (a new version is a new directory), which
+is what makes mapping them safe: deleting a mapped file keeps its pages alive until unmapped.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,8 +42,10 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ValidationError
 
+from service.mapping import IndexReadError, map_encoder_tables, read_index
+from service.names import DEFAULT_MODEL_NAME  # noqa: F401 (service.bundle.DEFAULT_MODEL_NAME)
+
 FORMAT_VERSION = 1
-DEFAULT_MODEL_NAME = "recommender"  # models/<name>/: the trainer's default and the service's
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 ITEM_EMBEDDINGS = "item_embeddings.npy"
@@ -45,6 +56,7 @@ REQUIRED_FILES = (ENCODER, ITEM_EMBEDDINGS, INDEX, ITEMS, POPULARITY)
 ENCODER_INPUT = "item_ids"
 ENCODER_OUTPUT = "interests"
 STAGING_PREFIX = ".staging-"
+log = logging.getLogger("service.bundle")
 
 
 class BundleError(RuntimeError):
@@ -195,6 +207,10 @@ class Bundle:
     item_ids: np.ndarray  # external ids (str), row i = internal id i + 1
     titles: np.ndarray
     popularity: np.ndarray  # [N]
+    # What is memory-mapped ("index", "item_embeddings.npy", "encoder:<initializer>", ...).
+    mapped: tuple[str, ...] = ()
+    # Arrays that back the session's mapped initializers: they must outlive the session.
+    pinned: tuple[Any, ...] = ()
 
     @property
     def version(self) -> int:
@@ -244,17 +260,27 @@ def verify_files(path: Path, manifest: Manifest) -> None:
             raise BundleError(f"{file}: checksum mismatch (file changed after publishing)")
 
 
-def load_bundle(path: Path | str, threads: int = 1, verify: bool = True) -> Bundle:
-    """Load and check a bundle; any defect raises BundleError naming the file."""
+def load_bundle(path: Path | str, threads: int = 1, verify: bool = True,
+                mmap: bool = True) -> Bundle:
+    """Load and check a bundle; any defect raises BundleError naming the file. With `mmap`,
+    the large files are memory-mapped where the format allows (module docstring)."""
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
     n, d = manifest.item_count, manifest.dim
+    mapped: list[str] = []
+    pinned: list[Any] = []
     try:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if mmap:
+            for name, array in map_encoder_tables(path / ENCODER):
+                value = ort.OrtValue.ortvalue_from_numpy(array)  # no copy: wraps the mapping
+                options.add_initializer(name, value)
+                pinned += [array, value]
+                mapped.append(f"encoder:{name}")
         session = ort.InferenceSession(str(path / ENCODER), options,
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
@@ -269,9 +295,11 @@ def load_bundle(path: Path | str, threads: int = 1, verify: bool = True) -> Bund
     _check_dims(path, "output", session.get_outputs()[0].shape,
                 [None, manifest.interests, manifest.dim], ["interests", "dim"])
     try:
-        index = faiss.read_index(str(path / INDEX))
-    except RuntimeError as exc:
-        raise BundleError(f"{path / INDEX}: cannot load ({exc})") from exc
+        index, index_mapped = read_index(path / INDEX, mmap)
+    except IndexReadError as exc:
+        raise BundleError(str(exc)) from exc
+    if index_mapped:
+        mapped.append("index")
     if index.ntotal != n or index.d != d:
         raise BundleError(f"{path / INDEX}: {index.ntotal} x {index.d}, manifest says {n} x {d}")
     for key, value in manifest.index.search_params.items():
@@ -279,8 +307,10 @@ def load_bundle(path: Path | str, threads: int = 1, verify: bool = True) -> Bund
             faiss.ParameterSpace().set_index_parameter(index, key, value)
         except RuntimeError as exc:
             raise BundleError(f"{path / MANIFEST}: bad index parameter {key}={value}") from exc
-    vectors = _load_npy(path / ITEM_EMBEDDINGS, (n, d), np.float32)
-    popularity = _load_npy(path / POPULARITY, (n,), np.int64)
+    vectors = _load_npy(path / ITEM_EMBEDDINGS, (n, d), np.float32, mmap)
+    popularity = _load_npy(path / POPULARITY, (n,), np.int64, mmap)
+    if mmap:
+        mapped += [ITEM_EMBEDDINGS, POPULARITY]
     try:
         items = json.loads((path / ITEMS).read_text())
         item_ids = np.array([str(i) for i in items["item_ids"]], dtype=object)
@@ -289,7 +319,8 @@ def load_bundle(path: Path | str, threads: int = 1, verify: bool = True) -> Bund
         raise BundleError(f"{path / ITEMS}: unreadable id map ({exc})") from exc
     if len(item_ids) != n or len(titles) != n:
         raise BundleError(f"{path / ITEMS}: {len(item_ids)} ids, manifest says {n}")
-    bundle = Bundle(path, manifest, session, index, vectors, item_ids, titles, popularity)
+    bundle = Bundle(path, manifest, session, index, vectors, item_ids, titles, popularity,
+                    mapped=tuple(mapped), pinned=tuple(pinned))
     smoke_test(bundle)
     return bundle
 
@@ -331,9 +362,10 @@ def smoke_test(bundle: Bundle) -> None:
                           f"catalogue")
 
 
-def _load_npy(file: Path, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+def _load_npy(file: Path, shape: tuple[int, ...], dtype: type, mmap: bool = False
+              ) -> np.ndarray:
     try:
-        array = np.load(file, allow_pickle=False)
+        array = np.load(file, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError) as exc:
         raise BundleError(f"{file}: cannot load ({exc})") from exc
     if array.shape != shape or array.dtype != dtype:

@@ -22,7 +22,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError, ResponseError
 
-EVENT_STREAM = "recsys:events"  # default Redis Stream of accepted events (the nightly job reads it)
+from service.names import EVENT_STREAM  # noqa: F401 (service.history.EVENT_STREAM)
+
 # The consumer group the nightly job reads the stream through. The service creates it at start so
 # that the group's lag is measurable from the first event; only entries this group has
 # acknowledged are ever trimmed (by the nightly job), so no unread event is dropped.

@@ -32,8 +32,10 @@ def search_threads(setting: int, model: Recommender) -> int:
 
 class ModelManager:
     def __init__(self, models_dir: Path, name: str, onnx_threads: int = 1,
-                 faiss_threads: int = 0, on_reload: Callable[[str], None] | None = None) -> None:
+                 faiss_threads: int = 0, on_reload: Callable[[str], None] | None = None,
+                 mmap: bool = True) -> None:
         self.root = Path(models_dir) / name
+        self.mmap = mmap  # memory-map the bundle's large files (shared between workers)
         self.name = name
         self.onnx_threads = onnx_threads
         self.faiss_threads = faiss_threads
@@ -66,7 +68,8 @@ class ModelManager:
         return out
 
     def _load(self, version: int) -> Recommender:
-        bundle = load_bundle(self.root / str(version), threads=self.onnx_threads)
+        bundle = load_bundle(self.root / str(version), threads=self.onnx_threads,
+                             mmap=self.mmap)
         if bundle.manifest.version != version:
             # e.g. `cp -a 1 2` as a manual roll-back: serving it would report version 1 from
             # directory 2, and the directory would look newer than the served model forever.
@@ -103,7 +106,8 @@ class ModelManager:
                 self._warned_gone = False
                 self.on_reload("success")
                 log.info("serving bundle", extra={"bundle": str(path), "previous": previous,
-                                                  "rolled_back": gone})
+                                                  "rolled_back": gone,
+                                                  "mapped": list(loaded.bundle.mapped)})
                 return True
             if gone and not self._warned_gone:
                 self._warned_gone = True

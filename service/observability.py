@@ -1,14 +1,29 @@
-"""Prometheus metrics (one registry per app) and JSON logs carrying the request id."""
+"""Prometheus metrics (one registry per app) and JSON logs carrying the request id.
+
+With several worker processes (`WORKERS` > 1) prometheus_client runs in multiprocess mode
+(PROMETHEUS_MULTIPROC_DIR, set by `python -m service`): every process writes its values to
+files there and /metrics, answered by any one worker, adds them up: counters and histograms
+are summed over workers (dead ones included, so totals never go back), gauges are combined as
+their `multiprocess_mode` says.
+"""
 
 from __future__ import annotations
 
 import contextvars
 import json
 import logging
+import os
 import sys
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None)
@@ -74,10 +89,36 @@ class Metrics:
         self.batch_fallbacks = Counter(
             "recsys_batch_fallbacks_total", "batched runs that raised and were redone request "
                                             "by request", registry=r)
-        self.model_version = Gauge("recsys_model_version", "served bundle version", registry=r)
-        # Set when /metrics is scraped (Redis store only).
+        # Each worker reloads on its own: one series per live worker (label `pid`) shows
+        # whether all have swapped; max()/min() over them aggregates.
+        self.model_version = Gauge("recsys_model_version", "served bundle version", registry=r,
+                                   multiprocess_mode="liveall")
+        # Set when /metrics is scraped (Redis store only), by whichever worker answers: the
+        # stream is shared, so the latest reading is the value.
         self.event_stream_length = Gauge(
-            "recsys_event_stream_length", "entries in the event stream", registry=r)
+            "recsys_event_stream_length", "entries in the event stream", registry=r,
+            multiprocess_mode="livemostrecent")
         self.event_stream_lag = Gauge(
             "recsys_event_stream_lag", "event stream entries the nightly job has not read yet",
-            registry=r)
+            registry=r, multiprocess_mode="livemostrecent")
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition: this process's registry, or in multiprocess mode
+        the sum over every worker's files."""
+        directory = multiprocess_dir()
+        if directory is None:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined, path=directory)
+        return generate_latest(combined)
+
+
+def multiprocess_dir() -> str | None:
+    """PROMETHEUS_MULTIPROC_DIR when metrics are shared between worker processes."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def mark_worker_dead(pid: int | None = None) -> None:
+    """On a worker's exit: drop its live gauges (its counters stay in the totals)."""
+    if multiprocess_dir() is not None:
+        multiprocess.mark_process_dead(pid if pid is not None else os.getpid())

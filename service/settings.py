@@ -5,11 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.bundle import DEFAULT_MODEL_NAME
-from service.history import EVENT_STREAM
+from service.names import DEFAULT_MODEL_NAME, EVENT_STREAM
 
 
 class Settings(BaseSettings):
@@ -21,6 +20,11 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    # Worker processes of `python -m service` (uvicorn's multi-worker mode). More than one
+    # needs REDIS_URL: an in-process history store would split histories across workers.
+    workers: int = Field(1, ge=1, le=64, description="worker processes")
+    mmap_bundle: bool = Field(True, description="memory-map the bundle's large files, shared "
+                                                "by all workers (service/bundle.py)")
 
     history_max_len: int = Field(200, ge=1, description="items kept per user")
     history_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, description="idle users expire")
@@ -49,6 +53,18 @@ class Settings(BaseSettings):
                                    "concurrent requests is held open for more (a lone request "
                                    "is never held)")
     log_level: str = "INFO"
+
+
+    @model_validator(mode="after")
+    def _workers_need_redis(self) -> Settings:
+        """Refuse a multi-worker setup that would serve wrong answers."""
+        if self.workers > 1 and not self.redis_url:
+            raise ValueError(
+                f"WORKERS={self.workers} needs REDIS_URL: without Redis each worker process "
+                f"keeps its own in-process history store, so a user's events and "
+                f"recommendations would land on different, diverging histories. Set "
+                f"REDIS_URL=redis://HOST:6379/0 or use WORKERS=1.")
+        return self
 
 
 @lru_cache

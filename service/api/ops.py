@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fastapi import APIRouter, Depends, Response, status
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import ServedModel, State, require_api_key
 from service.schemas import ERROR_RESPONSES
@@ -15,8 +16,9 @@ router = APIRouter(tags=["ops"])
 
 
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> dict[str, str | int]:
+    """Alive; `pid` tells which worker process answered (WORKERS > 1)."""
+    return {"status": "ok", "pid": os.getpid()}
 
 
 @router.get("/readyz", responses={503: {"description": "not ready: the body says which check "
@@ -27,7 +29,8 @@ async def readyz(state: State) -> JSONResponse:
     checks = {"model": model is not None, "store": store_ok}
     body: dict[str, Any] = {"ready": all(checks.values()), "checks": checks,
                             "store": state.store.kind,
-                            "model_version": model.version if model else None}
+                            "model_version": model.version if model else None,
+                            "pid": os.getpid()}
     code = status.HTTP_200_OK if body["ready"] else status.HTTP_503_SERVICE_UNAVAILABLE
     return JSONResponse(body, status_code=code)
 
@@ -40,7 +43,7 @@ async def metrics(state: State) -> Response:
     if stats is not None:
         state.metrics.event_stream_length.set(stats.length)
         state.metrics.event_stream_lag.set(stats.lag)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/model", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
