@@ -57,3 +57,12 @@ def models_dir(tiny_bundle, tmp_path):
     root = tmp_path / "models"
     shutil.copytree(tiny_bundle, root / "tiny" / "1")
     return root
+
+
+@pytest.fixture(scope="session")
+def sentence_encoder():
+    """MiniLM, loaded once for the ESIM and crowd tests (imported here lazily: transformers
+    is slow to import and most tests do not need it)."""
+    from trainer.esim import SentenceEncoder
+
+    return SentenceEncoder()

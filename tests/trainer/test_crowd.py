@@ -14,7 +14,7 @@ import torch
 from trainer.cli import main as cli_main
 from trainer.config import TrainConfig
 from trainer.crowd import crowd_level, max_cover, merge_near_duplicates, propagate
-from trainer.esim import SentenceEncoder, last_histories, prepare_esim
+from trainer.esim import last_histories, prepare_esim
 from trainer.esim_objective import EsimObjective
 from trainer.llm import (
     ORACLE_SOURCE,
@@ -25,12 +25,6 @@ from trainer.llm import (
     ResponseCache,
 )
 from trainer.train import train
-
-
-@pytest.fixture(scope="module")
-def sentence_encoder():
-    return SentenceEncoder()
-
 
 # --- max-cover ----------------------------------------------------------------------------------
 

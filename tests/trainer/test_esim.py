@@ -15,7 +15,6 @@ from trainer.cli import main as cli_main
 from trainer.config import TrainConfig
 from trainer.esim import (
     EsimObjective,
-    SentenceEncoder,
     interest_vocabulary,
     prepare_esim,
     select_typical_users,
@@ -24,11 +23,6 @@ from trainer.export import export_onnx
 from trainer.llm import METADATA_SOURCE, MetadataLabeller
 from trainer.nets import build_encoder
 from trainer.train import train
-
-
-@pytest.fixture(scope="module")
-def sentence_encoder():
-    return SentenceEncoder()
 
 
 def test_typical_users_are_distinct_training_users_nearest_their_centroids(tiny_dataset,
