@@ -331,7 +331,7 @@ def test_oracle_refuses_items_without_a_planted_topic(tiny_dataset):
 def test_local_backend_labels_a_real_user_with_a_valid_answer(tmp_path):
     from trainer.dataset import build_dataset
     from trainer.esim import prompt_items
-    from trainer.llm import LocalChat
+    from trainer.local_llm import LocalChat
     from trainer.specs import load_spec
 
     dataset = build_dataset(load_spec({"dataset": "movielens-small"}))
