@@ -181,10 +181,9 @@ def compute_together(model: Recommender, jobs: list[Job]) -> dict[Job, Outcome]:
 
 def compute_alone(model: Recommender, query: Query) -> Outcome:
     try:
-        scores, rows = model.search(model.encode(query.row[None]), query.n)
+        return model.compute(query)
     except Exception as exc:
         return exc
-    return finish(model, query, scores[0], rows[0])
 
 
 def finish(model: Recommender, query: Query, scores: np.ndarray, rows: np.ndarray) -> Outcome:

@@ -59,6 +59,10 @@ class Recommender:
         query = self.prepare(history, k, exclude, fanout)
         if isinstance(query, Recommendation):
             return query
+        return self.compute(query)
+
+    def compute(self, query: Query) -> Recommendation:
+        """A prepared query alone: one ONNX run, one FAISS search, finish."""
         scores, rows = self.search(self.encode(query.row[None]), query.n)
         return self.finish(query, scores[0], rows[0])
 

@@ -335,12 +335,16 @@ class TransformerSA(SASRec):
         self.hidden = nn.Linear(cfg.dim, 4 * cfg.dim)
         self.heads = nn.Linear(4 * cfg.dim, cfg.interests)
 
+    def head_logits(self, states: Tensor) -> Tensor:
+        """ComiRec-SA's K attention logits over the states [B, L, d] -> [B, K, L]."""
+        return self.heads(torch.tanh(self.hidden(states))).transpose(1, 2)
+
     def interests_at_every_position(self, item_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Interests [B, L, K, d] after every position, and the last position's attention
         weights [B, K, L]."""
         states, _ = self.sequence(item_ids)  # [B, L, d]
         length = item_ids.shape[1]
-        logits = self.heads(torch.tanh(self.hidden(states))).transpose(1, 2)  # [B, K, L]
+        logits = self.head_logits(states)
         causal = torch.tril(torch.ones(length, length, dtype=torch.bool,
                                        device=item_ids.device))
         allowed = causal[None, None] & (item_ids != 0)[:, None, None, :]  # [B, 1, Lq, Lk]
@@ -354,7 +358,7 @@ class TransformerSA(SASRec):
         # The last row of interests_at_every_position (the latest item sees every earlier
         # one), without computing the other rows: this is the served graph.
         states, _ = self.sequence(item_ids)
-        logits = self.heads(torch.tanh(self.hidden(states))).transpose(1, 2)  # [B, K, L]
+        logits = self.head_logits(states)
         weights = torch.softmax(logits.masked_fill((item_ids == 0)[:, None], MASK_LOGIT), -1)
         return Encoded(weights @ states, weights)
 
