@@ -14,6 +14,7 @@ import pytest
 
 from service import bundle as fmt
 from service.history import EVENT_GROUP, MAX_TIMESTAMP, Event, RedisHistoryStore
+from service.names import KeyLayout
 from tests.conftest import TINY_SPEC
 from trainer.config import TrainConfig
 from trainer.data import load_event_log
@@ -22,11 +23,11 @@ from trainer.nightly import NightlyOptions, RunLock, ingest, trim_acknowledged
 STREAM = "recsys:events"
 
 
-def record_events(redis_url, events):
+def record_events(redis_url, events, shards=None):
     import asyncio
 
     async def go():
-        store = RedisHistoryStore(redis_url, 200, 3600, STREAM, 100_000, 3600)
+        store = RedisHistoryStore(redis_url, 200, 3600, STREAM, 100_000, 3600, shards)
         await store.record(events)
         await store.close()
 
@@ -199,6 +200,45 @@ def test_malformed_entries_are_set_aside_acknowledged_and_never_block(
     assert redisdb.xlen(STREAM) == 0  # all acknowledged, so all trimmed
     again = ingest(options(tmp_path, redis_url, models_dir))  # the next run is not blocked
     assert again["events"] == 0 and again["malformed"] == 0
+
+
+# --- a sharded event stream (Redis Cluster's layout, here on one Redis; docs/scaling.md) ------
+
+
+def test_sharded_stream_is_read_exactly_once_with_shard_qualified_ids(
+        tmp_path, redis_url, redisdb, models_dir, tiny_dataset):
+    events = catalogue_events(tiny_dataset, users=30, per_user=4)
+    record_events(redis_url, events, shards=4)
+    layout = KeyLayout(STREAM, 4)
+    assert redisdb.smembers(layout.registry_key) == {"4"}  # what the nightly job goes by
+    assert not redisdb.exists(STREAM)
+    stats = ingest(options(tmp_path, redis_url, models_dir, batch_size=10))
+    assert stats["events"] == len(events) and stats["streams"] == 4
+    parts = sorted(p.name for p in (tmp_path / "data" / "events").glob("*.parquet"))
+    assert {name.split("-")[1] for name in parts} == {"s0", "s1", "s2", "s3"}
+    log = load_event_log(tmp_path / "data" / "events")
+    assert sorted(log["event_id"]) == sorted(e.event_id for e in events)
+    assert log["stream_id"].is_unique
+    for row in log.itertuples():  # each id names the user's own shard
+        assert row.stream_id.startswith(f"s{layout.shard(row.user_id)}:")
+    for key in layout.streams():
+        assert redisdb.xlen(key) == 0 and redisdb.xpending(key, EVENT_GROUP)["pending"] == 0
+    assert ingest(options(tmp_path, redis_url, models_dir))["events"] == 0
+
+
+def test_changing_the_shard_count_leaves_no_event_unread(
+        tmp_path, redis_url, redisdb, models_dir, tiny_dataset):
+    # one stream, then 4 shards, then 2: the service records each count it used
+    batches = [catalogue_events(tiny_dataset, users=8, per_user=3, prefix=p) for p in "abc"]
+    for batch, shards in zip(batches, (1, 4, 2), strict=True):
+        record_events(redis_url, batch, shards)
+    assert redisdb.smembers(KeyLayout(STREAM).registry_key) == {"1", "4", "2"}
+    stats = ingest(options(tmp_path, redis_url, models_dir))
+    assert stats["streams"] == 5  # the unsharded stream and shards 0-3
+    log = load_event_log(tmp_path / "data" / "events")
+    assert sorted(log["event_id"]) == sorted(e.event_id for b in batches for e in b)
+    assert log["stream_id"].is_unique
+    assert redisdb.xlen(STREAM) == 0 and redisdb.xlen(KeyLayout(STREAM, 4).stream_key(3)) == 0
 
 
 # --- trimming ------------------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""Item-text features (`--item-text`): each item's title, year and categories through the
+MiniLM sentence encoder, a fixed [N + 1, 384] table that the encoder projects into its item
+embeddings (`MultiInterestEncoder.embed_items`).
+
+This is semantics on the item side: items whose texts agree (same genres, same franchise) start
+close, and an item few users touched borrows what its text says instead of keeping a
+near-random embedding. Serving needs none of it: export folds the projected text into the
+plain item table (`MultiInterestEncoder.fold_item_text`), so bundles keep their format.
+
+The table depends only on the item texts, so it is cached on disk by their hash (ten folds of
+one dataset encode once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from trainer.dataset import SequenceDataset
+from trainer.esim import SentenceEncoder
+from trainer.nets import SEMANTIC_DIM
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = Path(".cache/item-text")
+
+
+def item_sentence(title: str, year: float, categories: str) -> str:
+    """'Toy Story (1995). Adventure, Animation, Children' -- empty parts left out."""
+    text = str(title).strip()
+    if np.isfinite(year):
+        text = f"{text} ({int(year)})".strip()
+    genres = ", ".join(c for c in str(categories).split("|") if c)
+    return f"{text}. {genres}" if genres else text
+
+
+def item_sentences(dataset: SequenceDataset) -> list[str]:
+    """One sentence per internal item id 1..N."""
+    return [item_sentence(dataset.titles[i], dataset.years[i], dataset.categories[i])
+            for i in range(1, dataset.n_items + 1)]
+
+
+def item_text_features(dataset: SequenceDataset, encoder: SentenceEncoder | None = None,
+                       cache_dir: Path | None = CACHE_DIR) -> np.ndarray:
+    """[N + 1, 384] float32, L2-normalised rows; row 0 (padding) and items without any text
+    are zero, so they get no text component."""
+    sentences = item_sentences(dataset)
+    key = hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:32]
+    path = cache_dir / f"{key}.npy" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        table = np.load(path)
+        if table.shape == (dataset.n_items + 1, SEMANTIC_DIM):
+            return table
+    log.info("encoding the texts of %d items with MiniLM", len(sentences))
+    table = np.zeros((dataset.n_items + 1, SEMANTIC_DIM), np.float32)
+    has_text = np.array([bool(s.strip(" .")) for s in sentences])
+    if has_text.any():
+        texts = [s for s, keep in zip(sentences, has_text, strict=True) if keep]
+        table[1:][has_text] = (encoder or SentenceEncoder()).encode(texts)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, table)
+        tmp.replace(path)  # atomic: a parallel fold never reads half a file
+    return table
