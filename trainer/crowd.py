@@ -165,6 +165,10 @@ def crowd_level(model: MultiInterestEncoder, dataset: SequenceDataset, cfg: Trai
         part["items"] = [it.line() for it in listed]
         member, which, positions = propagate(histories[m], [set(items[i.items].tolist())
                                                             for i in merged])
+        # Each interest's size in members, for `python -m trainer report`.
+        for interest, count in zip(part["interests"], np.bincount(which, minlength=len(merged)),
+                                   strict=True):
+            interest["members"] = int(count)
         supervised = np.unique(member)
         owners.append(np.searchsorted(supervised, member) + len(sup_users))
         protos.append(which + len(kept_texts))

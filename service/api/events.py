@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import APIRouter, Depends
 from starlette.convertors import PathConvertor, register_url_convertor
 
-from service.deps import State, require_api_key
+from service.ab import AttributionUnavailable, Claim
+from service.deps import AppState, State, require_api_key
 from service.history import Event, new_event_id
 from service.schemas import (
     ERROR_RESPONSES,
@@ -30,6 +32,7 @@ class AnyIdConvertor(PathConvertor):
 
 register_url_convertor("anyid", AnyIdConvertor())
 
+log = logging.getLogger("service.events")
 router = APIRouter(tags=["events"], dependencies=[Depends(require_api_key)],
                    responses=ERROR_RESPONSES)
 
@@ -43,15 +46,42 @@ async def record_events(body: EventIn | EventBatch, state: State) -> EventsRespo
                                    f"{state.settings.max_events_per_request} per request",
                       None, "too_long")
     now = time.time()
-    events = [Event(e.user_id, e.item_id, e.timestamp if e.timestamp is not None else now,
-                    e.event_id or new_event_id()) for e in incoming]
-    events.sort(key=lambda e: e.timestamp)  # stable: equal timestamps keep the body's order
+    # Each event with the request id it names (A/B attribution), sorted together; stable:
+    # equal timestamps keep the body's order.
+    pairs = sorted(((Event(e.user_id, e.item_id, e.timestamp if e.timestamp is not None else now,
+                           e.event_id or new_event_id()), e.request_id) for e in incoming),
+                   key=lambda pair: pair[0].timestamp)
+    events = [event for event, _ in pairs]
     # StoreUnavailable and EventLogFull -> 503 (service/app.py); either way nothing is stored.
     accepted = await state.store.record(events)
     n = sum(accepted)
     state.metrics.events.labels("accepted").inc(n)
     state.metrics.events.labels("duplicate").inc(len(accepted) - n)
+    # Only stored events earn credit: a repeated event id is not attributed twice.
+    claims = [Claim(request_id, event.user_id)
+              for (event, request_id), ok in zip(pairs, accepted, strict=True)
+              if ok and request_id is not None]
+    if claims and state.variants.tracking:
+        await attribute(state, claims)
     return EventsResponse(accepted=n, duplicates=len(accepted) - n)
+
+
+async def attribute(state: AppState, claims: list[Claim]) -> None:
+    """Credit events to the variants that served their request ids. The events are stored
+    already, so a failing attribution store does not fail the request (a retry would be a
+    duplicate, never attributed): those events go uncounted (`recsys_ab_errors_total`)."""
+    try:
+        variants = await state.attribution.attribute(claims)
+    except AttributionUnavailable as exc:
+        state.metrics.ab_errors.inc()
+        log.warning("A/B attribution store unavailable; events stored but not attributed",
+                    extra={"error": str(exc), "events": len(claims)})
+        return
+    for variant in variants:
+        if variant is None:
+            state.metrics.unattributed_events.inc()
+        else:
+            state.metrics.attributed_events.labels(variant).inc()
 
 
 # An id may hold "/" (ids are validated by one rule, service/schemas.py).

@@ -1,16 +1,18 @@
-"""Health, readiness, metrics and the served model."""
+"""Health, readiness, metrics, the served models and the A/B report."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from fastapi import APIRouter, Depends, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.ab import AttributionUnavailable, wilson_interval
 from service.deps import ServedModel, State, require_api_key
-from service.schemas import ERROR_RESPONSES
+from service.schemas import ERROR_RESPONSES, ABReport, VariantReport
+from service.variants import Variant
 
 router = APIRouter(tags=["ops"])
 
@@ -24,12 +26,15 @@ async def healthz() -> dict[str, str | int]:
 @router.get("/readyz", responses={503: {"description": "not ready: the body says which check "
                                                      "failed"}})
 async def readyz(state: State) -> JSONResponse:
+    """Ready when every A/B variant has a model and the store answers; `model_version` is the
+    control's (the only variant's without A/B), `variants` each variant's."""
     model = state.models.current
     store_ok = await state.store.ping()
-    checks = {"model": model is not None, "store": store_ok}
+    checks = {"model": state.variants.ready, "store": store_ok}
     body: dict[str, Any] = {"ready": all(checks.values()), "checks": checks,
                             "store": state.store.kind,
                             "model_version": model.version if model else None,
+                            "variants": {v.name: served_version(v) for v in state.variants.all},
                             "pid": os.getpid()}
     code = status.HTTP_200_OK if body["ready"] else status.HTTP_503_SERVICE_UNAVAILABLE
     return JSONResponse(body, status_code=code)
@@ -48,16 +53,62 @@ async def metrics(state: State) -> Response:
 
 @router.get("/model", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 async def model_info(state: State, model: ServedModel) -> dict[str, Any]:
+    """The control's model at top level (the only one without A/B); `variants`: each
+    variant's model, version and refusals."""
     return {"path": str(model.bundle.path), "manifest": model.bundle.manifest.model_dump(),
             "refused_versions": sorted(state.models.refused),
-            "last_error": state.models.last_error}
+            "last_error": state.models.last_error,
+            "experiment": state.variants.experiment,
+            "variants": [{"variant": v.name, "share": v.spec.share, "model_name": v.spec.model,
+                          "pinned_version": v.spec.version, "model_version": served_version(v),
+                          "path": str(v.models.current.bundle.path)
+                          if v.models.current is not None else None,
+                          "refused_versions": sorted(v.models.refused),
+                          "last_error": v.models.last_error}
+                         for v in state.variants.all]}
 
 
 @router.post("/model/reload", dependencies=[Depends(require_api_key)],
              responses=ERROR_RESPONSES)
 async def reload(state: State) -> dict[str, Any]:
-    """Check for a newer bundle now instead of waiting for the watcher."""
-    changed = await state.models.refresh()
+    """Check for a newer bundle now instead of waiting for the watcher (every variant)."""
+    changed = await state.variants.refresh()
     current = state.models.current
-    return {"changed": changed, "model_version": current.version if current else None,
-            "last_error": state.models.last_error}
+    return {"changed": changed[state.variants.primary.name],
+            "model_version": current.version if current else None,
+            "last_error": state.models.last_error,
+            "variants": {v.name: {"changed": changed[v.name], "model_version": served_version(v),
+                                  "last_error": v.models.last_error}
+                         for v in state.variants.all}}
+
+
+@router.get("/ab/report", response_model=ABReport, dependencies=[Depends(require_api_key)],
+            responses=ERROR_RESPONSES)
+async def ab_report(state: State) -> ABReport:
+    """Per variant: requests served, events attributed, requests clicked and click-through,
+    counted since AB_EXPERIMENT started (shared by workers and replicas with Redis)."""
+    names = [v.name for v in state.variants.all]
+    try:
+        counts = await state.attribution.counts(names)
+    except AttributionUnavailable as exc:
+        state.metrics.ab_errors.inc()
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            f"A/B attribution store unavailable: {exc}") from exc
+    variants = []
+    for variant in state.variants.all:
+        c = counts.variants[variant.name]
+        interval = wilson_interval(c.clicked, c.requests)
+        variants.append(VariantReport(
+            variant=variant.name, share=variant.spec.share, model_name=variant.spec.model,
+            pinned_version=variant.spec.version, model_version=served_version(variant),
+            requests=c.requests, attributed_events=c.events, clicked_requests=c.clicked,
+            ctr=c.clicked / c.requests if c.requests else None,
+            ctr_ci95=list(interval) if interval is not None else None))
+    return ABReport(experiment=state.variants.experiment, tracking=state.variants.tracking,
+                    store=state.attribution.kind,  # type: ignore[arg-type]
+                    attribution_ttl_seconds=state.settings.ab_attribution_ttl_seconds,
+                    variants=variants, unattributed_events=counts.unattributed)
+
+
+def served_version(variant: Variant) -> int | None:
+    return variant.models.current.version if variant.models.current is not None else None

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 
 from fastapi import APIRouter, Depends
 
-from service.deps import ServedModel, State, require_api_key
+from service.ab import AttributionUnavailable
+from service.deps import AppState, State, require_api_key, variant_model
 from service.history import StoreUnavailable
+from service.observability import request_id_var
+from service.recommender import Shaping
 from service.schemas import (
     ERROR_RESPONSES,
     InterestSummary,
@@ -23,8 +28,13 @@ log = logging.getLogger("service.recommend")
 
 
 @router.post("/recommend", response_model=RecommendResponse)
-async def recommend(body: RecommendRequest, state: State, model: ServedModel) -> RecommendResponse:
+async def recommend(body: RecommendRequest, state: State) -> RecommendResponse:
+    """The variant is the user's (service/ab.py: a stable hash of the user id); the answer
+    says which, and its request_id lets events be credited to it."""
+    started = time.perf_counter()
     settings, metrics = state.settings, state.metrics
+    variant = state.variants.for_user(body.user_id)
+    model = variant_model(variant)  # captured now: the answer reports the model it used
     k = body.k or settings.default_k
     if k > settings.max_k:
         raise invalid(("k",), f"k={k} is above the maximum {settings.max_k}", k,
@@ -48,24 +58,52 @@ async def recommend(body: RecommendRequest, state: State, model: ServedModel) ->
                         extra={"error": str(exc)})
     history = stored + (body.history or [])
     exclude = body.exclude + (history if body.exclude_seen else [])
+    shaping = Shaping(
+        merge_cosine=settings.interest_merge_cosine if settings.adaptive_interests else None,
+        min_name_confidence=settings.min_name_confidence)
     if state.batcher is None:  # BATCH_MAX_SIZE=1: computed alone, on the event loop
-        result = model.recommend(history, k, exclude, settings.per_interest_fanout)
+        result = model.recommend(history, k, exclude, settings.per_interest_fanout, shaping)
     else:  # shares one encoder run and one search with concurrent requests, off the loop
         result = await state.batcher.recommend(model, history, k, exclude,
-                                               settings.per_interest_fanout)
+                                               settings.per_interest_fanout, shaping)
 
-    metrics.recommendations.inc()
+    # The middleware's X-Request-ID, so that the body and the header agree.
+    request_id = request_id_var.get() or uuid.uuid4().hex
+    if state.variants.tracking:
+        await remember(state, request_id, body.user_id, variant.name,
+                       skip=degraded and state.attribution.kind == "redis")
+    metrics.recommendations.labels(variant.name).inc()
+    metrics.recommend_seconds.labels(variant.name).observe(time.perf_counter() - started)
     metrics.unknown_items.inc(result.unknown_items)
     if result.fallback:
         metrics.fallbacks.inc()
     sources = [name for name, used in (("stored", stored), ("request", body.history)) if used]
     return RecommendResponse(
-        user_id=body.user_id, model_name=model.name, model_version=model.version,
+        user_id=body.user_id, variant=variant.name, request_id=request_id,
+        model_name=model.name, model_version=model.version,
         items=[RecommendedItem(item_id=i, score=s, interest=w, title=t or None)
                for i, t, s, w in zip(result.item_ids, result.titles, result.scores,
                                      result.interests, strict=True)],
-        interests=[InterestSummary(interest=i, items=c)
-                   for i, c in enumerate(result.interest_counts)],
+        interests=[InterestSummary(interest=i, items=c, weight=d.weight, name=d.name,
+                                   confidence=d.confidence, merged_into=d.merged_into,
+                                   dropped=d.dropped)
+                   for i, (c, d) in enumerate(zip(result.interest_counts,
+                                                  result.interest_details, strict=True))],
         fallback=result.fallback, history_source="+".join(sources) or "none",
         history_length=result.used_history, unknown_items=result.unknown_items,
         degraded=degraded)
+
+
+async def remember(state: AppState, request_id: str, user_id: str, variant: str,
+                   skip: bool) -> None:
+    """Record which variant served this request (A/B attribution). Never fails the answer:
+    without the store the request is just not counted (`recsys_ab_errors_total`). `skip`: Redis
+    already failed this request (degraded), so do not wait on it a second time."""
+    try:
+        if skip:
+            raise AttributionUnavailable("the history store (same Redis) is unavailable")
+        await state.attribution.served(request_id, user_id, variant)
+    except AttributionUnavailable as exc:
+        state.metrics.ab_errors.inc()
+        log.warning("A/B attribution store unavailable; this answer cannot earn events",
+                    extra={"error": str(exc), "variant": variant})
