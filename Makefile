@@ -8,7 +8,7 @@ MODEL_NAME ?= recommender
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install install-serve redis-server test lint demo train serve benchmark clean
+.PHONY: install install-serve redis-server haproxy chromium test lint demo train serve benchmark clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,21 @@ redis-server:
 	  echo "installing redis-server (Debian package) for the tests"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; }
 
+# The replica test (tests/test_replicas.py) puts two service processes behind Debian's HAProxy
+# (in /usr/sbin, which a non-root PATH may lack).
+haproxy:
+	@command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { \
+	  echo "installing haproxy (Debian package) for the tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy) >/dev/null; }
+
+# The web page's browser test (tests/service/test_ui.py) drives Debian's headless chromium.
+chromium:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
+	  echo "installing chromium and chromium-driver (Debian packages) for the tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null; }
+
 # pytest's exit code 5 (no tests collected) fails the target, as any non-zero code does.
-test: install redis-server
+test: install redis-server haproxy chromium
 	$(PY) -m ruff check trainer service tests benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -19,7 +19,8 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import events, ops, recommend
+from service.ab import AttributionStore, InMemoryAttributionStore, RedisAttributionStore
+from service.api import events, ops, recommend, ui, users
 from service.batching import Batcher
 from service.deps import AppState
 from service.history import (
@@ -29,9 +30,10 @@ from service.history import (
     RedisHistoryStore,
     StoreUnavailable,
 )
-from service.models import ModelManager
 from service.observability import Metrics, configure_logging, mark_worker_dead, request_id_var
+from service.schemas import is_request_id
 from service.settings import Settings, get_settings
+from service.variants import build_variants
 
 log = logging.getLogger("service.app")
 
@@ -41,9 +43,19 @@ def make_store(settings: Settings) -> HistoryStore:
         return RedisHistoryStore(
             settings.redis_url, settings.history_max_len, settings.history_ttl_seconds,
             settings.event_stream, settings.event_stream_max_len,
-            settings.event_dedup_ttl_seconds)
+            settings.event_dedup_ttl_seconds, settings.event_stream_shards)
     return InMemoryHistoryStore(settings.history_max_len, settings.history_ttl_seconds,
                                 settings.event_stream_max_len, settings.event_dedup_ttl_seconds)
+
+
+def make_attribution(settings: Settings, store: HistoryStore) -> AttributionStore:
+    """A/B attribution (service/ab.py) on the history store's Redis client when there is one:
+    no second connection pool; the history store closes it."""
+    if isinstance(store, RedisHistoryStore):
+        return RedisAttributionStore(store.client, settings.ab_experiment,
+                                     settings.ab_attribution_ttl_seconds,
+                                     cluster=store.cluster)
+    return InMemoryAttributionStore(settings.ab_experiment, settings.ab_attribution_ttl_seconds)
 
 
 class BodySizeLimit:
@@ -143,7 +155,7 @@ def client_request_id(raw: bytes) -> str:
     """The client's X-Request-ID if it is a short printable ASCII token, else a new one (a
     request id ends up in headers and logs, so it must be safe in both)."""
     given = raw.decode("latin-1")
-    if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
+    if is_request_id(given):  # the rule POST /events `request_id` accepts (service/schemas.py)
         return given
     return uuid.uuid4().hex
 
@@ -219,27 +231,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def count_reload(result: str) -> None:
         metrics.reloads.labels(result).inc()
-        if state.models.current is not None:
-            metrics.model_version.set(state.models.current.version)
+        for variant in state.variants.all:
+            if variant.models.current is not None:
+                metrics.model_version.labels(variant.name).set(variant.models.current.version)
 
+    store = make_store(settings)
     state = AppState(
-        settings=settings, store=make_store(settings), metrics=metrics,
-        models=ModelManager(settings.models_dir, settings.model_name, settings.onnx_threads,
-                            settings.faiss_threads, on_reload=count_reload,
-                            mmap=settings.mmap_bundle),
+        settings=settings, store=store, metrics=metrics,
+        # One model manager per A/B variant (one `default` without AB_VARIANTS).
+        variants=build_variants(settings, on_reload=count_reload),
+        attribution=make_attribution(settings, store),
         batcher=Batcher(settings.batch_max_size, settings.batch_window_ms, metrics)
         if settings.batch_max_size > 1 else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.store.stream_stats()  # creates the nightly job's consumer group if missing
-        await state.models.refresh()
-        if state.models.current is None:
-            log.warning("no bundle yet; not ready until one appears",
-                        extra={"models_dir": str(state.models.root)})
-        watcher = asyncio.create_task(state.models.watch(settings.reload_interval_seconds))
+        await state.variants.refresh()
+        for variant in state.variants.all:
+            if variant.models.current is None:
+                log.warning("no bundle yet; not ready until one appears",
+                            extra={"models_dir": str(variant.models.root),
+                                   "variant": variant.name})
+        # One loop polls every variant's models; each swaps on its own.
+        watcher = asyncio.create_task(state.variants.watch(settings.reload_interval_seconds))
         log.info("service started", extra={"store": state.store.kind,
                                            "models": str(state.models.root),
+                                           "variants": {v.name: v.spec.label
+                                                        for v in state.variants.all},
                                            "pid": os.getpid()})
         try:
             yield
@@ -260,6 +279,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(recommend.router)
     app.include_router(events.router)
     app.include_router(ops.router)
+    app.include_router(users.router)
+    app.include_router(ui.router)  # the web page, GET / and /ui
 
     # Every error body carries the request id (the X-Request-ID header has it too).
     def error(detail: Any, status_code: int, headers: dict[str, str] | None = None

@@ -33,7 +33,7 @@ from typing import TypeVar
 import numpy as np
 
 from service.observability import Metrics
-from service.recommender import Query, Recommendation, Recommender
+from service.recommender import DEFAULT_SHAPING, Query, Recommendation, Recommender, Shaping
 
 log = logging.getLogger("service.batching")
 
@@ -59,9 +59,10 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
 
     async def recommend(self, model: Recommender, history: list[str], k: int,
-                        exclude: list[str], fanout: int) -> Recommendation:
+                        exclude: list[str], fanout: int, shaping: Shaping = DEFAULT_SHAPING
+                        ) -> Recommendation:
         """Model.recommend, with the encoder run and the search shared with batch-mates."""
-        prepared = model.prepare(history, k, exclude, fanout)
+        prepared = model.prepare(history, k, exclude, fanout, shaping)
         if isinstance(prepared, Recommendation):  # popularity fallback: nothing to compute
             return prepared
         return await self.submit(model, prepared)
@@ -175,7 +176,7 @@ def compute_together(model: Recommender, jobs: list[Job]) -> dict[Job, Outcome]:
     for n, members in groups(range(len(jobs)), lambda i: jobs[i].query.n).items():
         scores, rows = model.search(interests[members], n)
         for j, i in enumerate(members):
-            outcomes[jobs[i]] = finish(model, jobs[i].query, scores[j], rows[j])
+            outcomes[jobs[i]] = finish(model, jobs[i].query, scores[j], rows[j], interests[i])
     return outcomes
 
 
@@ -186,9 +187,10 @@ def compute_alone(model: Recommender, query: Query) -> Outcome:
         return exc
 
 
-def finish(model: Recommender, query: Query, scores: np.ndarray, rows: np.ndarray) -> Outcome:
+def finish(model: Recommender, query: Query, scores: np.ndarray, rows: np.ndarray,
+           interests: np.ndarray) -> Outcome:
     """Per-request merge and post-processing; an error here is that request's alone."""
     try:
-        return model.finish(query, scores, rows)
+        return model.finish(query, scores, rows, interests)
     except Exception as exc:
         return exc

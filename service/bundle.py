@@ -9,6 +9,12 @@ A bundle is a directory `models/<name>/<version>/` (integer versions, TF Serving
     popularity.npy       int64 [N] training interaction counts (popularity fallback)
     manifest.json        written last; lists every other file with its size and sha256
 
+and, from a model trained with ESIM (optional; a bundle without them answers unnamed):
+
+    naming.json             {"names": [L], "sizes": [L], "min_confidence": c, "calibration": {}}
+    naming_vocabulary.npy   float32 [L, 384] unit label vectors (MiniLM space)
+    naming_projection.npy   float32 [384, d + 1]: g(v) = P[:, :d] @ v + P[:, d]
+
 A version directory without a manifest is not a bundle and is never chosen. Bundles are built
 in a staging directory beside the versions and published by one atomic rename. Nothing is
 loaded with pickle.
@@ -53,9 +59,14 @@ INDEX = "items.faiss"
 ITEMS = "items.json"
 POPULARITY = "popularity.npy"
 REQUIRED_FILES = (ENCODER, ITEM_EMBEDDINGS, INDEX, ITEMS, POPULARITY)
+NAMING = "naming.json"
+NAMING_VOCABULARY = "naming_vocabulary.npy"
+NAMING_PROJECTION = "naming_projection.npy"
+NAMING_FILES = (NAMING, NAMING_VOCABULARY, NAMING_PROJECTION)
 ENCODER_INPUT = "item_ids"
 ENCODER_OUTPUT = "interests"
 STAGING_PREFIX = ".staging-"
+SEMANTIC_DIM = 384  # all-MiniLM-L6-v2's vectors: the interest vocabulary's space
 log = logging.getLogger("service.bundle")
 
 
@@ -74,6 +85,14 @@ class IndexInfo(BaseModel):
     search_params: dict[str, int] = {}  # applied at load (efSearch, nprobe)
     recall_at_50: float  # against exact search, on real interest vectors; 1.0 for flat
     build_seconds: float
+    # The operating point as measured at export (optional: older bundles lack them).
+    build_params: dict[str, int] = {}  # e.g. HNSW efConstruction
+    recall_target: float | None = None  # the export's guard raised search_params to reach it
+    recall_queries: int | None = None  # interest vectors the recall was measured on
+    search_ms_p50: float | None = None  # one request's K interest vectors, 1 FAISS thread
+    search_ms_p99: float | None = None
+    search_threads: int | None = None
+    chosen_by: str | None = None  # "auto (...)", "kind ivf", or the sweep that chose it
 
 
 class Manifest(BaseModel):
@@ -197,6 +216,19 @@ def republish(source: Path, models_dir: Path, name: str,
 # --- reading -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class NamingTables:
+    """The interest vocabulary and ESIM's projection g (module docstring, DESIGN 5.8)."""
+
+    names: list[str]
+    sizes: list[int]
+    vocabulary: np.ndarray  # [L, 384]
+    projection: np.ndarray  # [384, d]
+    bias: np.ndarray  # [384]
+    min_confidence: float
+    calibration: dict[str, Any]
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -211,6 +243,7 @@ class Bundle:
     mapped: tuple[str, ...] = ()
     # Arrays that back the session's mapped initializers: they must outlive the session.
     pinned: tuple[Any, ...] = ()
+    naming: NamingTables | None = None  # bundles trained with ESIM
 
     @property
     def version(self) -> int:
@@ -319,8 +352,9 @@ def load_bundle(path: Path | str, threads: int = 1, verify: bool = True,
         raise BundleError(f"{path / ITEMS}: unreadable id map ({exc})") from exc
     if len(item_ids) != n or len(titles) != n:
         raise BundleError(f"{path / ITEMS}: {len(item_ids)} ids, manifest says {n}")
+    naming = read_naming(path, d) if NAMING in manifest.files else None
     bundle = Bundle(path, manifest, session, index, vectors, item_ids, titles, popularity,
-                    mapped=tuple(mapped), pinned=tuple(pinned))
+                    mapped=tuple(mapped), pinned=tuple(pinned), naming=naming)
     smoke_test(bundle)
     return bundle
 
@@ -378,3 +412,36 @@ def write_items(path: Path, item_ids: list[str], titles: list[str]) -> None:
     with open(path, "w") as fh:
         json.dump({"item_ids": item_ids, "titles": titles}, fh)
 
+
+
+def write_naming(directory: Path, naming: NamingTables) -> None:
+    """The naming files of a bundle (written by the trainer into its staging directory)."""
+    with open(directory / NAMING, "w") as fh:
+        json.dump({"names": naming.names, "sizes": naming.sizes,
+                   "min_confidence": naming.min_confidence,
+                   "calibration": naming.calibration}, fh, indent=1)
+    np.save(directory / NAMING_VOCABULARY, naming.vocabulary.astype(np.float32))
+    np.save(directory / NAMING_PROJECTION,
+            np.concatenate([naming.projection, naming.bias[:, None]], axis=1).astype(np.float32))
+
+
+def read_naming(path: Path, dim: int) -> NamingTables:
+    missing = [f for f in NAMING_FILES if not (path / f).is_file()]
+    if missing:
+        raise BundleError(f"{path / missing[0]}: missing (the bundle has {NAMING})")
+    try:
+        meta = json.loads((path / NAMING).read_text())
+        names = [str(n) for n in meta["names"]]
+        sizes = [int(n) for n in meta["sizes"]]
+        min_confidence = float(meta["min_confidence"])
+        calibration = dict(meta.get("calibration") or {})
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path / NAMING}: unreadable ({exc})") from exc
+    vocabulary = _load_npy(path / NAMING_VOCABULARY, (len(names), SEMANTIC_DIM), np.float32)
+    projection = _load_npy(path / NAMING_PROJECTION, (SEMANTIC_DIM, dim + 1), np.float32)
+    if len(sizes) != len(names) or not names:
+        raise BundleError(f"{path / NAMING}: {len(names)} names and {len(sizes)} sizes")
+    return NamingTables(names=names, sizes=sizes, vocabulary=vocabulary,
+                        projection=np.ascontiguousarray(projection[:, :dim]),
+                        bias=np.ascontiguousarray(projection[:, dim]),
+                        min_confidence=min_confidence, calibration=calibration)

@@ -8,21 +8,29 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
+from service.ab import AttributionStore
 from service.batching import Batcher
 from service.history import HistoryStore
 from service.models import ModelManager
 from service.observability import Metrics
 from service.recommender import Recommender
 from service.settings import Settings
+from service.variants import Variant, Variants
 
 
 @dataclass
 class AppState:
     settings: Settings
     store: HistoryStore
-    models: ModelManager
+    variants: Variants  # the served models, one per A/B variant (service/variants.py)
+    attribution: AttributionStore  # which variant served which request (service/ab.py)
     metrics: Metrics
     batcher: Batcher | None = None  # None: each request computed alone
+
+    @property
+    def models(self) -> ModelManager:
+        """The control's (first variant's) models: the one model without A/B."""
+        return self.variants.primary.models
 
 
 def get_state(request: Request) -> AppState:
@@ -55,3 +63,14 @@ def get_recommender(state: State) -> Recommender:
 
 
 ServedModel = Annotated[Recommender, Depends(get_recommender)]
+
+
+def variant_model(variant: Variant) -> Recommender:
+    """The model a variant serves now, or 503 while it has none (its users are not served
+    by another variant: that would blur the comparison)."""
+    current = variant.models.current
+    if current is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            f"no model loaded yet for variant {variant.name!r} (waiting for a "
+                            f"bundle in {variant.models.root})")
+    return current

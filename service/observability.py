@@ -66,8 +66,23 @@ class Metrics:
             "recsys_request_seconds", "HTTP request latency", ["route", "method", "status"],
             registry=r,
             buckets=(0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        # By A/B variant (`default` without AB_VARIANTS): sum over `variant` for the total.
         self.recommendations = Counter(
-            "recsys_recommendations_total", "recommendation lists served", registry=r)
+            "recsys_recommendations_total", "recommendation lists served", ["variant"],
+            registry=r)
+        self.recommend_seconds = Histogram(
+            "recsys_recommend_seconds", "/recommend handler time (history read, encoder, "
+            "search) by A/B variant", ["variant"], registry=r,
+            buckets=(0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.attributed_events = Counter(
+            "recsys_attributed_events_total", "events credited to the A/B variant that served "
+            "their request_id", ["variant"], registry=r)
+        self.unattributed_events = Counter(
+            "recsys_unattributed_events_total", "events whose request_id is unknown, expired or "
+            "another user's", registry=r)
+        self.ab_errors = Counter(
+            "recsys_ab_errors_total", "A/B attribution store errors (answers and events went on "
+            "without it)", registry=r)
         self.fallbacks = Counter(
             "recsys_fallbacks_total", "popularity fallbacks (no usable history)", registry=r)
         self.degraded = Counter(
@@ -91,7 +106,8 @@ class Metrics:
                                             "by request", registry=r)
         # Each worker reloads on its own: one series per live worker (label `pid`) shows
         # whether all have swapped; max()/min() over them aggregates.
-        self.model_version = Gauge("recsys_model_version", "served bundle version", registry=r,
+        self.model_version = Gauge("recsys_model_version", "served bundle version, by A/B "
+                                   "variant", ["variant"], registry=r,
                                    multiprocess_mode="liveall")
         # Set when /metrics is scraped (Redis store only), by whichever worker answers: the
         # stream is shared, so the latest reading is the value.

@@ -10,7 +10,38 @@ import faiss
 import numpy as np
 
 from service.bundle import Bundle
-from service.retrieval import merge_interest_results
+from service.naming import InterestNamer
+from service.retrieval import (
+    adapt_interests,
+    interest_support,
+    merge_by_share,
+    merge_interest_results,
+)
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """How interests shape an answer (from the settings; the same for every request)."""
+
+    # Adaptive interests: drop unsupported ones, merge those within this cosine, give each a
+    # share of the list by its support (service.retrieval.adapt_interests). None: off, the
+    # K lists merged by score (what the model is trained and evaluated for).
+    merge_cosine: float | None = None
+    # Override of the bundle's calibrated naming threshold; None: the bundle's.
+    min_name_confidence: float | None = None
+
+
+DEFAULT_SHAPING = Shaping()
+
+
+@dataclass(frozen=True)
+class InterestDetail:
+    weight: float  # share of the history this interest explains (its share of the list
+    #                with adaptive interests); 0 for a dropped or merged interest
+    merged_into: int | None  # adaptive: the interest it was merged into; None if kept/off
+    dropped: bool  # adaptive: no history item supports it, so it retrieved nothing
+    name: str | None = None  # bundles trained with ESIM, when confident
+    confidence: float | None = None
 
 
 @dataclass
@@ -23,6 +54,7 @@ class Recommendation:
     used_history: int  # known items that went into the encoder
     unknown_items: int  # history ids not in the catalogue (ignored)
     interest_counts: list[int] = field(default_factory=list)
+    interest_details: list[InterestDetail] = field(default_factory=list)
 
 
 @dataclass
@@ -34,6 +66,7 @@ class Query:
     excluded: np.ndarray  # 0-based rows never to return
     used_history: int
     unknown_items: int
+    shaping: Shaping = DEFAULT_SHAPING
 
 
 class Recommender:
@@ -47,6 +80,7 @@ class Recommender:
         self.popular_rows = np.argsort(-bundle.popularity, kind="stable")
         # FAISS threads for this index (ModelManager sets it before serving); 0 = leave as is.
         self.search_threads = 0
+        self.namer = InterestNamer(bundle.naming) if bundle.naming is not None else None
 
     def to_internal(self, item_ids: list[str]) -> tuple[list[int], int]:
         """Known internal ids in order, and how many ids were unknown."""
@@ -54,20 +88,21 @@ class Recommender:
         return known, len(item_ids) - len(known)
 
     def recommend(self, history: list[str], k: int, exclude: list[str] | None = None,
-                  fanout: int = 50) -> Recommendation:
+                  fanout: int = 50, shaping: Shaping = DEFAULT_SHAPING) -> Recommendation:
         """One request alone: prepare, one ONNX run, one FAISS search, finish."""
-        query = self.prepare(history, k, exclude, fanout)
+        query = self.prepare(history, k, exclude, fanout, shaping)
         if isinstance(query, Recommendation):
             return query
         return self.compute(query)
 
     def compute(self, query: Query) -> Recommendation:
         """A prepared query alone: one ONNX run, one FAISS search, finish."""
-        scores, rows = self.search(self.encode(query.row[None]), query.n)
-        return self.finish(query, scores[0], rows[0])
+        interests = self.encode(query.row[None])
+        scores, rows = self.search(interests, query.n)
+        return self.finish(query, scores[0], rows[0], interests[0])
 
     def prepare(self, history: list[str], k: int, exclude: list[str] | None = None,
-                fanout: int = 50) -> Query | Recommendation:
+                fanout: int = 50, shaping: Shaping = DEFAULT_SHAPING) -> Query | Recommendation:
         """The per-request part before the encoder (cheap, no model run): a Query to compute,
         or the finished answer when there is nothing to encode (popularity fallback). Split
         out so that a batcher can stack many requests' rows into one encoder run."""
@@ -83,7 +118,7 @@ class Recommender:
         # Enough candidates per interest that exclusions and duplicates still leave k.
         n = min(self.item_count, max(fanout, k + len(excluded)))
         return Query(row=row, k=k, n=n, excluded=excluded, used_history=len(recent),
-                     unknown_items=unknown)
+                     unknown_items=unknown, shaping=shaping)
 
     def encode(self, rows: np.ndarray) -> np.ndarray:
         """Histories [B, maxlen] -> interests [B, K, d] (one ONNX run)."""
@@ -99,15 +134,36 @@ class Recommender:
         scores, rows = self.bundle.search(interests.reshape(b * k, d), n)
         return scores.reshape(b, k, n), rows.reshape(b, k, n)
 
-    def finish(self, query: Query, scores: np.ndarray, rows: np.ndarray) -> Recommendation:
-        """One request's [K, n] search results -> its merged, post-processed list."""
-        ids, best, which = merge_interest_results(scores, rows, query.k, query.excluded)
+    def finish(self, query: Query, scores: np.ndarray, rows: np.ndarray,
+               interests: np.ndarray) -> Recommendation:
+        """One request's [K, n] search results and its interests [K, d] -> its merged,
+        post-processed list with what each interest is (weight, name)."""
+        history = query.row[query.row > 0]
+        support = interest_support(interests, self.bundle.item_vectors[history - 1])
+        cosine = query.shaping.merge_cosine
+        if cosine is None:
+            ids, best, which = merge_interest_results(scores, rows, query.k, query.excluded)
+            weights = support / max(int(support.sum()), 1)
+            merged_into = np.arange(self.num_interests)
+        else:
+            weights, merged_into = adapt_interests(interests, support, cosine)
+            ids, best, which = merge_by_share(scores, rows, query.k, weights, query.excluded)
+        names = (self.namer.name(interests, query.shaping.min_name_confidence)
+                 if self.namer is not None else [(None, None)] * self.num_interests)
+        details = []
+        for i, (name, confidence) in enumerate(names):
+            target = int(merged_into[i])
+            details.append(InterestDetail(
+                weight=round(float(weights[i]), 4),
+                merged_into=target if cosine is not None and target not in (i, -1) else None,
+                dropped=cosine is not None and target == -1, name=name, confidence=confidence))
         counts = np.bincount(which, minlength=self.num_interests).tolist()
         return Recommendation(
             item_ids=self.bundle.item_ids[ids].tolist(), titles=self.bundle.titles[ids].tolist(),
             scores=best.astype(float).tolist(),
             interests=which.tolist(), fallback=False, used_history=query.used_history,
-            unknown_items=query.unknown_items, interest_counts=counts)
+            unknown_items=query.unknown_items, interest_counts=counts,
+            interest_details=details)
 
     def _popular(self, k: int, excluded: np.ndarray, unknown: int) -> Recommendation:
         rows = self.popular_rows[: k + len(excluded)]
@@ -119,4 +175,5 @@ class Recommender:
             titles=self.bundle.titles[rows].tolist(),
             scores=self.bundle.popularity[rows].astype(float).tolist(),
             interests=[None] * len(rows), fallback=True, used_history=0, unknown_items=unknown,
-            interest_counts=[0] * self.num_interests)
+            interest_counts=[0] * self.num_interests,
+            interest_details=[InterestDetail(0.0, None, False)] * self.num_interests)

@@ -34,3 +34,82 @@ def merge_interest_results(
     _, first = np.unique(flat_ids, return_index=True)  # first = best-scored occurrence
     first = np.sort(first)[:n]
     return flat_ids[first], flat_scores[first], interest[first]
+
+
+def interest_support(interests: np.ndarray, history_vectors: np.ndarray) -> np.ndarray:
+    """How many history items each interest explains best: [K] counts (each item counts for
+    the interest with which its inner product is largest)."""
+    if len(history_vectors) == 0:
+        return np.zeros(len(interests), dtype=np.int64)
+    best = (history_vectors @ interests.T).argmax(axis=1)
+    return np.bincount(best, minlength=len(interests))
+
+
+def adapt_interests(interests: np.ndarray, support: np.ndarray, merge_cosine: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Adaptive interests at serving (DESIGN 5.7's granularity, applied per user): an interest
+    no history item supports is dropped, and one whose direction is within `merge_cosine` of a
+    better-supported kept interest is merged into it (its support joins the kept one's).
+
+    Returns (weights [K]: share of the list per kept interest, 0 for dropped/merged ones;
+    merged_into [K]: the kept interest each one went to, itself if kept, -1 if dropped).
+    Without any support (no history) every interest is kept with equal weight."""
+    k = len(interests)
+    if support.sum() == 0:
+        return np.full(k, 1.0 / k), np.arange(k)
+    unit = interests / np.maximum(np.linalg.norm(interests, axis=1, keepdims=True), 1e-12)
+    merged_into = np.full(k, -1)
+    weight = np.zeros(k)
+    for i in np.argsort(-support, kind="stable"):
+        if support[i] == 0:
+            continue
+        kept = np.flatnonzero(merged_into == np.arange(k))
+        near = kept[unit[kept] @ unit[i] >= merge_cosine] if len(kept) else kept
+        target = int(near[0]) if len(near) else int(i)
+        merged_into[i] = target
+        weight[target] += support[i]
+    return weight / weight.sum(), merged_into
+
+
+def share_quotas(weights: np.ndarray, n: int) -> np.ndarray:
+    """n list places split by weight (largest remainder): [K] ints summing to n."""
+    exact = weights * n
+    quotas = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - quotas), kind="stable")
+    quotas[order[: n - quotas.sum()]] += 1
+    return quotas
+
+
+def merge_by_share(scores: np.ndarray, ids: np.ndarray, n: int, weights: np.ndarray,
+                   exclude: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Like `merge_interest_results`, but each interest fills its share of the n places
+    (`share_quotas`) with its own best items, the heavier interests first; places left over
+    (an interest ran out of distinct candidates) go to the best remaining items by score. The
+    list is then ordered by score."""
+    quotas = share_quotas(weights, n)
+    taken: dict[int, tuple[float, int]] = {}
+    excluded = set(exclude.tolist()) if exclude is not None and len(exclude) else set()
+    for k in np.argsort(-weights, kind="stable"):
+        need = quotas[k]
+        for score, item in zip(scores[k].tolist(), ids[k].tolist(), strict=True):
+            if need == 0:
+                break
+            if item >= 0 and item not in taken and item not in excluded:
+                taken[item] = (score, int(k))
+                need -= 1
+    if len(taken) < n:
+        rest_ids, rest_scores, rest_interest = merge_interest_results(
+            scores[weights > 0], ids[weights > 0], n,
+            np.array(sorted(excluded | taken.keys()), dtype=np.int64))
+        active = np.flatnonzero(weights > 0)
+        for item, score, k in zip(rest_ids.tolist(), rest_scores.tolist(),
+                                  active[rest_interest].tolist(), strict=True):
+            if len(taken) == n:
+                break
+            taken[item] = (score, k)
+    items = np.array(list(taken), dtype=np.int64)
+    best = np.array([s for s, _ in taken.values()], dtype=np.float32)
+    which = np.array([k for _, k in taken.values()], dtype=np.int64)
+    order = np.argsort(-best, kind="stable")
+    return items[order], best[order], which[order]

@@ -42,6 +42,28 @@ Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH,
 # A user id in a URL path ({user_id:anyid}, so that ids holding "/" can be read back).
 UserIdPath = Annotated[Id, Path(description="the user id (may contain '/')")]
 
+# A request id: what X-Request-ID carries (service/app.py client_request_id keeps a client's
+# only if it follows this rule, else makes one), so any answer's id can be posted back: 1..128
+# printable ASCII characters.
+MAX_REQUEST_ID_LENGTH = 128
+REQUEST_ID_PATTERN = rf"^[ -~]{{1,{MAX_REQUEST_ID_LENGTH}}}$"
+_REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
+
+
+def is_request_id(value: str) -> bool:
+    return _REQUEST_ID_RE.match(value) is not None
+
+
+def check_request_id(value: str) -> str:
+    if not is_request_id(value):
+        raise ValueError(f"a request id is 1..{MAX_REQUEST_ID_LENGTH} printable ASCII "
+                         f"characters (the request_id of a /recommend answer)")
+    return value
+
+
+RequestId = Annotated[StrictStr, Field(json_schema_extra={"pattern": REQUEST_ID_PATTERN}),
+                      AfterValidator(check_request_id)]
+
 
 class Body(BaseModel):
     # strict: the types the OpenAPI schema states, no coercion ("5" is not an integer).
@@ -69,10 +91,26 @@ class RecommendedItem(BaseModel):
 class InterestSummary(BaseModel):
     interest: int
     items: int = Field(description="how many returned items this interest contributed")
+    weight: float = Field(description="share of the user's recent history this interest "
+                                      "explains best (with ADAPTIVE_INTERESTS: its share of "
+                                      "the list); 0 for a dropped or merged interest")
+    name: str | None = Field(None, description="what the interest is about, from the "
+                             "bundle's interest vocabulary (models trained with ESIM); null "
+                             "when not confident enough or the bundle has no vocabulary")
+    confidence: float | None = Field(None, description="cosine of the interest and its "
+                                     "nearest vocabulary label; null without a vocabulary")
+    merged_into: int | None = Field(None, description="ADAPTIVE_INTERESTS: the interest this "
+                                    "near-duplicate was merged into")
+    dropped: bool = Field(False, description="ADAPTIVE_INTERESTS: no history item supports "
+                                             "this interest, so it retrieved nothing")
 
 
 class RecommendResponse(BaseModel):
     user_id: str
+    variant: str = Field(description="the A/B variant that served this answer (`default` "
+                                     "without AB_VARIANTS)")
+    request_id: str = Field(description="this answer's X-Request-ID; send it with the events "
+                                        "it leads to (POST /events `request_id`)")
     model_name: str
     model_version: int
     items: list[RecommendedItem]
@@ -94,6 +132,9 @@ class EventIn(Body):
         description="epoch seconds, 0..4102444800 (until 2100; default: now)")
     event_id: Annotated[Id, Field(max_length=128)] | None = Field(
         None, description="repeating an event id records it once")
+    request_id: RequestId | None = Field(
+        None, description="the request_id of the /recommend answer this event came from: "
+                          "credits the A/B variant that served it")
 
 
 class EventBatch(Body):
@@ -113,6 +154,33 @@ class HistoryResponse(BaseModel):
 class DeleteResponse(BaseModel):
     user_id: str
     deleted: bool
+
+
+class VariantReport(BaseModel):
+    variant: str
+    share: float = Field(description="configured fraction of users")
+    model_name: str
+    pinned_version: int | None = Field(description="the version pinned in AB_VARIANTS; null: "
+                                                   "the newest, hot-reloaded")
+    model_version: int | None = Field(description="version this worker serves now (null: none "
+                                                  "loaded yet)")
+    requests: int = Field(description="answers served (request ids recorded)")
+    attributed_events: int = Field(description="events that carried one of its request ids")
+    clicked_requests: int = Field(description="its answers with at least one attributed event")
+    ctr: float | None = Field(description="click-through: clicked_requests / requests (null "
+                                          "before any request)")
+    ctr_ci95: list[float] | None = Field(description="95% Wilson interval of ctr, [low, high]")
+
+
+class ABReport(BaseModel):
+    experiment: str = Field(description="AB_EXPERIMENT: the salt and the counters' name")
+    tracking: bool = Field(description="request ids and counters are recorded (AB_VARIANTS "
+                                       "is set)")
+    store: Literal["redis", "memory"]
+    attribution_ttl_seconds: int
+    variants: list[VariantReport]
+    unattributed_events: int = Field(description="events with a request_id unknown, expired "
+                                                 "or another user's")
 
 
 class ErrorResponse(BaseModel):

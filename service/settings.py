@@ -8,7 +8,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.names import DEFAULT_MODEL_NAME, EVENT_STREAM
+from service.ab import check_experiment, parse_variants
+from service.names import DEFAULT_MODEL_NAME, EVENT_STREAM, KeyLayout
 
 
 class Settings(BaseSettings):
@@ -17,6 +18,7 @@ class Settings(BaseSettings):
     models_dir: Path = Path("models")
     model_name: str = DEFAULT_MODEL_NAME
     # Unset: an in-process history store (single process only; histories die with it).
+    # `redis+cluster://HOST:PORT` (any one node): Redis Cluster (docs/scaling.md).
     redis_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -33,6 +35,9 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="unconsumed events the stream may hold; then /events "
                                      "answers 503 (nothing is trimmed unread)")
     event_dedup_ttl_seconds: int = Field(7 * 24 * 3600, ge=1)
+    event_stream_shards: int | None = Field(
+        None, ge=1, le=1024, description="event stream shards, by user (docs/scaling.md); "
+                                         "unset: 1 on a single Redis, 16 on Redis Cluster")
 
     default_k: int = Field(20, ge=1)
     max_k: int = Field(200, ge=1)
@@ -52,6 +57,24 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(1.0, ge=0, le=1000, description="how long a batch of "
                                    "concurrent requests is held open for more (a lone request "
                                    "is never held)")
+    # Interests in the answer (service/recommender.py Shaping): adaptive interests drop the
+    # ones no history item supports, merge near-duplicates and share the list by support.
+    adaptive_interests: bool = Field(False, description="drop/merge interests per user and "
+                                     "share the list by support (docs/results.md: off by "
+                                     "default, the 10-fold comparison)")
+    interest_merge_cosine: float = Field(0.9, gt=0, le=1, description="adaptive interests: "
+                                         "cosine at which two interests merge")
+    min_name_confidence: float | None = Field(None, ge=-1, le=1, description="name an interest "
+                                              "only at this confidence; unset: the bundle's "
+                                              "calibrated threshold")
+    # A/B tests (service/ab.py, README "A/B tests"). Unset: one variant, `default`, serving
+    # MODEL_NAME, and nothing recorded.
+    ab_variants: str | None = Field(
+        None, description="name=model[@version][:share],...; the first is the control")
+    ab_experiment: str = Field("ab", description="salts the user -> variant hash and names the "
+                                                 "counters: a new one reshuffles users")
+    ab_attribution_ttl_seconds: int = Field(
+        24 * 3600, ge=60, description="how long an answer's request id can earn events")
     log_level: str = "INFO"
 
 
@@ -64,6 +87,21 @@ class Settings(BaseSettings):
                 f"keeps its own in-process history store, so a user's events and "
                 f"recommendations would land on different, diverging histories. Set "
                 f"REDIS_URL=redis://HOST:6379/0 or use WORKERS=1.")
+        return self
+
+    @model_validator(mode="after")
+    def _ab_test_is_valid(self) -> Settings:
+        """Refuse A/B settings that cannot be served as meant (service/ab.py says why)."""
+        check_experiment(self.ab_experiment)
+        if self.ab_variants is not None:
+            parse_variants(self.ab_variants, self.models_dir)
+        return self
+
+    @model_validator(mode="after")
+    def _key_layout_works(self) -> Settings:
+        """Refuse a key layout Redis Cluster would refuse at the first event."""
+        if self.redis_url:
+            KeyLayout.for_url(self.redis_url, self.event_stream, self.event_stream_shards)
         return self
 
 

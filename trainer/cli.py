@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer train|evaluate|export|nightly ...`.
+"""Command line: `python -m trainer train|evaluate|export|nightly|report ...`.
 
 The last line `train` and `evaluate` print on stdout is one JSON object of metrics (with
 MostPop's beside them); the same object is written to metrics.json in the run directory.
@@ -29,6 +29,7 @@ from service.bundle import (
     read_manifest,
 )
 from service.history import EVENT_GROUP, EVENT_STREAM
+from trainer import distributed
 from trainer.config import (
     BACKBONES,
     ESIM_LEVELS,
@@ -45,6 +46,7 @@ from trainer.evaluate import evaluate_encoder, most_popular, popular_rankings, r
 from trainer.export import INDEX_KINDS, ExportError, publish_bundle
 from trainer.llm import LLMError, LLMSettings
 from trainer.metrics import CUTOFFS, per_user_metrics
+from trainer.naming import naming_from_state, naming_state
 from trainer.nets import build_encoder
 from trainer.nightly import LockHeld, NightlyError, NightlyOptions, run_every, run_nightly
 from trainer.specs import BUILTIN_DATASETS, data_spec, load_spec
@@ -65,7 +67,11 @@ def peak_rss_mb() -> float:
 # --- commands -----------------------------------------------------------------------------------
 
 
-def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_train(args: argparse.Namespace) -> dict[str, Any] | None:
+    # Under torchrun: join the process group; only rank 0 logs (errors aside), writes the run
+    # directory and the bundle, and returns the report (the others return None).
+    if distributed.init_from_env() and not distributed.is_main():
+        logging.getLogger().setLevel(logging.ERROR)
     if args.if_missing:
         if not args.out:
             raise DataError("--if-missing needs --out (the model store to look in)")
@@ -73,10 +79,11 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         if existing is not None:
             path = Path(args.out) / args.name / str(existing)
             log.info("a bundle exists (%s); not training (--if-missing)", path)
-            return {"skipped": True, "bundle": str(path)}
+            return {"skipped": True, "bundle": str(path)} if distributed.is_main() else None
     cfg = TrainConfig(
         backbone=args.backbone, interests=args.interests, dim=args.dim, maxlen=args.maxlen,
         lr=args.lr, batch_size=args.batch_size, loss=args.loss, interest_loss=args.interest_loss,
+        item_text=args.item_text,
         max_epochs=args.epochs,
         eval_every=args.eval_every, patience=args.patience, max_minutes=args.max_minutes,
         seed=args.seed, split_seed=args.split_seed, folds=args.folds, fold=args.fold,
@@ -98,13 +105,16 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         + (f"-fold{cfg.fold}of{cfg.folds}" if cfg.folds else "")
         + (f"-esim-{cfg.llm}" if cfg.esim else "")
         + (f"-{cfg.esim_level}" if cfg.esim and cfg.esim_level != "individual" else ""))
-    make_run_dir(run_dir)  # before training, so a bad location fails in seconds, not hours
+    if distributed.is_main():  # before training, so a bad location fails in seconds, not hours
+        make_run_dir(run_dir)
     llm_settings = LLMSettings(**{k: v for k, v in (
         ("base_url", args.llm_base_url), ("model", args.llm_model),
         ("cache_dir", args.llm_cache)) if v is not None})
     result = train(dataset, cfg, progress=not args.no_progress,
                    esim_setup=esim_setup(dataset, cfg, run_dir, not args.no_progress,
                                          llm_settings))
+    if not distributed.is_main():
+        return None
     test = dataset.eval_split("test", cfg.maxlen)
     report = {
         "dataset": dataset.describe(),
@@ -119,6 +129,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             "best_step": result.best_step, "stopped_by": result.stopped_by,
             "selection_metric": result.selection_metric,
             "seconds": round(result.seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "world_size": result.world_size,  # training processes (torchrun)
         },
         # ESIM settings, typical users and LLM statistics (source "metadata (...)" when no
         # LLM was used); null for IBIM alone.
@@ -127,7 +138,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     }
     torch.save(
         {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "data_spec": spec,
-         "dataset": dataset.describe(), "state_dict": result.model.state_dict()},
+         "dataset": dataset.describe(), "state_dict": result.model.state_dict(),
+         "naming": naming_state(result.naming) if result.naming is not None else None},
         run_dir / "checkpoint.pt",
     )
     (run_dir / "curve.json").write_text(json.dumps(result.curve, indent=1))
@@ -136,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         bundle = publish_bundle(
             result.model, dataset, cfg, spec, bundle_metrics(report), Path(args.out),
-            args.name, args.index, progress=not args.no_progress)
+            args.name, args.index, progress=not args.no_progress, naming=result.naming)
         report["bundle"] = str(bundle)
     (run_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     log.info("wrote %s", run_dir)
@@ -203,7 +215,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     test = dataset.eval_split("test", cfg.maxlen)
     metrics = {"test": evaluate_model(model, test), "mostpop": most_popular(dataset, test)}
     path = publish_bundle(model, dataset, cfg, ckpt["data_spec"], metrics, Path(args.out),
-                          args.name, args.index, progress=not args.no_progress)
+                          args.name, args.index, progress=not args.no_progress,
+                          naming=naming_from_state(ckpt["naming"]) if ckpt.get("naming") else None)
     manifest = read_manifest(path)
     return {"bundle": str(path), "version": manifest.version, "index": manifest.index.model_dump(),
             "parity_max_abs_diff": manifest.extra["parity_max_abs_diff"], **metrics}
@@ -255,12 +268,20 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    try:  # matplotlib is needed by this command only: the others run without it
+        from trainer.report import write_report
+    except ImportError as exc:
+        raise DataError(f"report needs matplotlib ({exc}); pip install -e '.[train]'") from exc
+    return write_report(Path(args.run_dir))
+
+
 def add_publish_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--out", type=Path, default=Path("models") if required else None,
                         help="model store to publish a bundle into (models/<name>/<version>)")
     parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help="model name in the store")
     parser.add_argument("--index", choices=INDEX_KINDS, default="auto",
-                        help="FAISS index kind (auto: exact up to 100k items, IVF above)")
+                        help="FAISS index kind (auto: exact up to 100k items, HNSW above)")
 
 
 def cmd_nightly(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -321,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the K interests score an item in training: max = the best "
                         "interest's score, as retrieval merges (default); argmax = ComiRec's "
                         "readout of the interest closest to the target")
+    t.add_argument("--item-text", action="store_true",
+                   help="item vectors also see the items' titles and categories (MiniLM "
+                        "features, projected; folded into the item table at export)")
     t.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps")
     t.add_argument("--patience", type=int, default=defaults.patience, help="evaluations")
     t.add_argument("--max-minutes", type=float, default=defaults.max_minutes)
@@ -407,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bundle", type=Path, help="a bundle directory models/<name>/<version>")
     e.add_argument("--split", choices=("valid", "test"), default="test")
     e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("report", help="draw a run: validation curve, loss, ESIM interests "
+                                      "(RUN_DIR/report.html and report.png)")
+    r.add_argument("run_dir", type=Path, help="a training run directory (metrics.json, "
+                                             "curve.json, esim/)")
+    r.set_defaults(func=cmd_report)
     return parser
 
 
@@ -429,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, BundleError, ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.cleanup()  # torchrun's process group, if one was joined
     if report is not None:  # None: `nightly --every` printed its reports as it went
         print(json.dumps(report, separators=(",", ":")))
     return 0

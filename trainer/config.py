@@ -29,6 +29,7 @@ class TrainConfig:
     batch_size: int = 128
     loss: str = "auto"
     interest_loss: str = "max"
+    item_text: bool = False  # item vectors also see the items' texts (trainer/item_text.py)
     negatives_per_example: int = 10  # shared negatives = this x batch size (ComiRec)
     max_epochs: int = 40
     # Validation runs every `eval_every` optimiser steps (0: three times an epoch); early

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from trainer.config import TrainConfig
 from trainer.dataset import SequenceDataset
-from trainer.esim_objective import SEMANTIC_DIM, Encode, EsimObjective, Supervision, join
+from trainer.esim_objective import Encode, EsimObjective, Supervision, join
 from trainer.llm import (
     Interest,
     Labeller,
@@ -45,7 +45,7 @@ from trainer.llm import (
     make_labeller,
     require_planted_topics,
 )
-from trainer.nets import MultiInterestEncoder
+from trainer.nets import SEMANTIC_DIM, MultiInterestEncoder
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def prepare_esim(model: MultiInterestEncoder, dataset: SequenceDataset, cfg: Tra
     sup = join(parts)
     labels = interest_vocabulary(sup.semantic, cfg.esim_labels, seed=cfg.seed)
     objective = EsimObjective(cfg, sup.histories, sup.owner, sup.positions, sup.semantic,
-                              labels, proto=sup.proto, crowd=sup.crowd)
+                              labels, proto=sup.proto, crowd=sup.crowd, texts=sup.texts)
     report = {
         "source": stats.source, "backend": stats.backend, **report,
         "supervised_users": len(np.unique(sup.users)),

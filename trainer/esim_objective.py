@@ -16,10 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.config import TrainConfig
-from trainer.nets import MultiInterestEncoder
-
-SEMANTIC_DIM = 384  # all-MiniLM-L6-v2
-
+from trainer.nets import SEMANTIC_DIM, MultiInterestEncoder
 
 # --- supervision: which users get which semantic interests --------------------------------------
 
@@ -79,8 +76,10 @@ class EsimObjective:
 
     def __init__(self, cfg: TrainConfig, histories: np.ndarray, owner: np.ndarray,
                  positions: np.ndarray, semantic: np.ndarray, labels: np.ndarray,
-                 proto: np.ndarray | None = None, crowd: np.ndarray | None = None) -> None:
+                 proto: np.ndarray | None = None, crowd: np.ndarray | None = None,
+                 texts: list[str] | None = None) -> None:
         self.cfg = cfg
+        self.texts = texts or []  # [P] "name: description", for naming (trainer/naming.py)
         self.histories = torch.from_numpy(histories)  # [U, maxlen]
         self.owner = torch.from_numpy(owner)  # [N] user row of each semantic interest row
         self.positions = torch.from_numpy(positions)  # [N, maxlen] its items' history slots

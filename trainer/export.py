@@ -3,10 +3,12 @@ chosen by catalogue size (ANN recall measured on real interest vectors), id map,
 
 from __future__ import annotations
 
+import copy
 import logging
 import subprocess
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,19 @@ from trainer.train import encode_numpy
 log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4
-EXACT_MAX_ITEMS = 100_000  # exact search up to here; IVF above (auto)
-INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
+EXACT_MAX_ITEMS = 100_000  # exact search up to here; LARGE_CATALOGUE_KIND above (auto)
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+# auto above EXACT_MAX_ITEMS, chosen by benchmarks/index_sweep.py on trained item and
+# interest vectors (ComiRec-SA on synthetic topics; benchmarks/results/index-small): at 50k /
+# 200k items HNSW32 reached recall@50 0.975 / 0.967 at efSearch 50 in 0.19 / 0.27 ms per
+# request (1 thread), where the fastest IVF-Flat at >= 0.95 took 0.25 / 1.09 ms, and IVF-PQ
+# fast-scan + exact re-ranking 0.30 ms / did not reach 0.95 by nprobe 256. An inner-product
+# top 50 is spread over many of IVF's L2 clusters (popular items have large norms), so IVF
+# scans a share of the catalogue that grows with it. HNSW memory-maps like IVF; it builds
+# slower (200k items, one thread: 18 s, IVF 0.5-5 s).
+LARGE_CATALOGUE_KIND = "hnsw"
+IVF_LISTS_PER_SQRT_N = 4  # nlist = 4 sqrt(n): 4,000 lists for 1M items
+LATENCY_REQUESTS = 200  # single-request searches timed at export
 ANN_RECALL_TARGET = 0.95
 RECALL_AT = 50
 
@@ -86,68 +99,158 @@ def check_parity(model: MultiInterestEncoder, onnx_path: Path, batches: list[np.
 # --- item index -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class IndexSpec:
+    """An index operating point: how to build it and the search parameters to start from.
+    The export's recall guard raises `tune` along `grid` (never below its start value) until
+    recall@50 measured on real interest vectors reaches the target, because every retrained
+    model has different vectors (benchmarks/index_sweep.py chooses the family and build)."""
+
+    kind: str  # "flat", "ivf", "hnsw" or "ivfpq" (IVF + PQ fast-scan + exact re-ranking)
+    factory: str  # faiss.index_factory string
+    search_params: dict[str, int] = field(default_factory=dict)
+    tune: str | None = None  # the search parameter the guard may raise
+    grid: tuple[int, ...] = ()  # the values it may take, ascending
+    build_params: dict[str, int] = field(default_factory=dict)  # HNSW efConstruction
+    chosen_by: str = "given"  # recorded in the manifest: where this operating point came from
+
+
+def ivf_lists(n: int) -> int:
+    return int(min(65536, max(16, IVF_LISTS_PER_SQRT_N * np.sqrt(n))))
+
+
+def index_spec(kind: str, n: int, d: int) -> IndexSpec:
+    """The operating point of an index kind for n items of dimension d ("auto" resolved)."""
+    if kind == "auto":
+        kind = "flat" if n <= EXACT_MAX_ITEMS else LARGE_CATALOGUE_KIND
+        chosen_by = f"auto ({'<=' if kind == 'flat' else '>'} {EXACT_MAX_ITEMS} items)"
+    else:
+        chosen_by = f"kind {kind}"
+    nlist = ivf_lists(n)
+    doubling = tuple(2**i for i in range(9))  # 1 .. 256
+    if kind == "flat":
+        return IndexSpec("flat", "Flat", chosen_by=chosen_by)
+    if kind == "hnsw":
+        # FAISS's HNSW explores max(efSearch, k) candidates, so start at k = 50.
+        return IndexSpec("hnsw", "HNSW32,Flat", {"efSearch": 50}, "efSearch",
+                         (50, 64, 96, 128, 192, 256, 384, 512, 1024), {"efConstruction": 80},
+                         chosen_by)
+    if kind == "ivf":
+        return IndexSpec("ivf", f"IVF{nlist},Flat", {"nprobe": 1}, "nprobe", doubling,
+                         chosen_by=chosen_by)
+    if kind == "ivfpq":
+        # 4-bit fast-scan PQ over 2-dimensional sub-vectors for the list scan, then the
+        # best k_factor_rf x k re-ranked exactly (RFlat): IVF's speed with less of the
+        # recall lost to quantisation.
+        return IndexSpec("ivfpq", f"IVF{nlist},PQ{max(1, d // 2)}x4fs,RFlat",
+                         {"nprobe": 1, "k_factor_rf": 4}, "nprobe", doubling,
+                         chosen_by=chosen_by)
+    raise ExportError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}")
+
+
 def ann_recall(index: faiss.Index, exact: np.ndarray, queries: np.ndarray, k: int) -> float:
     _, got = index.search(queries, k)
-    hits = [len(np.intersect1d(g, e, assume_unique=True)) for g, e in zip(got, exact, strict=True)]
+    # -1 pads a list with fewer than k results; it must not count as a hit.
+    hits = [len(np.intersect1d(g[g >= 0], e, assume_unique=True))
+            for g, e in zip(got, exact, strict=True)]
     return float(np.mean(hits)) / k
 
 
-def build_index(
-    vectors: np.ndarray, queries: np.ndarray, kind: str = "auto",
-    recall_target: float = ANN_RECALL_TARGET, progress: bool = True,
-) -> tuple[faiss.Index, dict[str, Any]]:
-    """An inner-product index over `vectors`; for ANN kinds the search parameter is the
-    smallest that reaches `recall_target` recall@50 against exact search on `queries`."""
+def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    return exact.search(queries, k)[1]
+
+
+def make_index(spec: IndexSpec, vectors: np.ndarray, progress: bool = False) -> faiss.Index:
+    """Build (train where needed, then add in chunks) the index of `spec` over `vectors`."""
     n, d = vectors.shape
-    if kind == "auto":
-        # IVF over HNSW for large catalogues: on 1M x 64 HNSW32 took minutes to build on
-        # 2 cores where IVF takes well under one, at a similar search cost (README).
-        kind = "flat" if n <= EXACT_MAX_ITEMS else "ivf"
-    if kind not in INDEX_KINDS:
-        raise ExportError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}")
+    index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    for key, value in spec.build_params.items():
+        if key != "efConstruction":
+            raise ExportError(f"unknown build parameter {key!r}")
+        faiss.downcast_index(index).hnsw.efConstruction = value
+    if not index.is_trained:
+        # 64 points per list: k-means quality levels off well before FAISS's 256 default,
+        # and training time grows with the sample.
+        nlist = faiss.extract_index_ivf(index).nlist
+        index.train(vectors[np.random.default_rng(0).permutation(n)[: 64 * nlist]])
+    chunk = 50_000
+    for lo in tqdm(range(0, n, chunk), disable=not progress, desc=f"index {spec.factory}",
+                   unit="chunk"):
+        index.add(vectors[lo : lo + chunk])
+    return index
+
+
+def search_latency(index: faiss.Index, queries: np.ndarray, rows_per_request: int, k: int,
+                   requests: int = LATENCY_REQUESTS, threads: int = 1) -> tuple[float, float]:
+    """(p50, p99) ms of searching one request's interest vectors at a time (the service's
+    unbatched search) with `threads` FAISS threads."""
+    rows = max(1, rows_per_request)
+    groups = [queries[i : i + rows] for i in range(0, len(queries) - rows + 1, rows)]
+    if not groups:
+        return 0.0, 0.0
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        index.search(groups[0], k)  # warm-up
+        times = []
+        for i in range(requests):
+            started = time.perf_counter()
+            index.search(groups[i % len(groups)], k)
+            times.append(time.perf_counter() - started)
+    finally:
+        faiss.omp_set_num_threads(previous)
+    p50, p99 = np.percentile(np.array(times) * 1000, [50, 99])
+    return float(p50), float(p99)
+
+
+def build_index(
+    vectors: np.ndarray, queries: np.ndarray, kind: str | IndexSpec = "auto",
+    recall_target: float = ANN_RECALL_TARGET, progress: bool = True, request_rows: int = 4,
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """An inner-product index over `vectors`: a kind ("auto": exact up to EXACT_MAX_ITEMS,
+    else LARGE_CATALOGUE_KIND) or a given operating point (an IndexSpec, e.g. the one
+    benchmarks/index_sweep.py chose). For ANN indexes the tuned search parameter is the
+    smallest from its start that reaches `recall_target` recall@50 against exact search on
+    `queries` (the guard); the info records the operating point, its measured recall and
+    the search latency of one request (`request_rows` interest vectors, 1 FAISS thread)."""
+    n, d = vectors.shape
+    spec = kind if isinstance(kind, IndexSpec) else index_spec(kind, n, d)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(RECALL_AT, n)
     started = time.perf_counter()
-    if kind == "flat":
-        factory = "Flat"
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-        index.add(vectors)
-        info = {"kind": kind, "factory": factory, "search_params": {}, "recall_at_50": 1.0,
-                "build_seconds": time.perf_counter() - started}
-        return index, info
-    if kind == "hnsw":
-        factory, param, grid = "HNSW32,Flat", "efSearch", (64, 128, 256, 512, 1024)
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 80
-    else:
-        nlist = int(min(65536, max(16, 4 * np.sqrt(n))))
-        factory, param, grid = f"IVF{nlist},Flat", "nprobe", (8, 16, 32, 64, 128, 256)
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-        sample = vectors[np.random.default_rng(0).permutation(n)[: 64 * nlist]]
-        index.train(sample)
-    chunk = 50_000
-    for lo in tqdm(range(0, n, chunk), disable=not progress, desc=f"index {factory}",
-                   unit="chunk"):
-        index.add(vectors[lo : lo + chunk])
+    index = make_index(spec, vectors, progress=progress and spec.kind != "flat")
     build_seconds = time.perf_counter() - started
-
-    exact = faiss.IndexFlatIP(d)
-    exact.add(vectors)
-    _, truth = exact.search(queries, k)
+    params = dict(spec.search_params)
     space = faiss.ParameterSpace()
-    for value in grid:
-        space.set_index_parameter(index, param, value)
+    for key, value in params.items():
+        space.set_index_parameter(index, key, value)
+    if spec.kind == "flat":
+        recall = 1.0  # exact by construction
+    else:
+        truth = exact_top(vectors, queries, k)
         recall = ann_recall(index, truth, queries, k)
-        log.info("index %s %s=%d recall@%d=%.4f", factory, param, value, k, recall)
-        if recall >= recall_target:
-            break
-    if recall < recall_target:
-        log.warning("index %s: recall@%d %.3f at %s=%d is below the target %.2f; the item "
-                    "vectors may be under-trained, or use --index flat", factory, k, recall,
-                    param, value, recall_target)
-    info = {"kind": kind, "factory": factory, "search_params": {param: value},
-            "recall_at_50": recall, "build_seconds": build_seconds}
+        log.info("index %s %s recall@%d=%.4f", spec.factory, params, k, recall)
+        if spec.tune is not None:
+            for value in (v for v in spec.grid if v > params[spec.tune]):
+                if recall >= recall_target:
+                    break
+                params[spec.tune] = value
+                space.set_index_parameter(index, spec.tune, value)
+                recall = ann_recall(index, truth, queries, k)
+                log.info("index %s %s recall@%d=%.4f", spec.factory, params, k, recall)
+        if recall < recall_target:
+            log.warning("index %s: recall@%d %.3f at %s is below the target %.2f; the item "
+                        "vectors may be under-trained, or use --index flat", spec.factory, k,
+                        recall, params, recall_target)
+    p50, p99 = search_latency(index, queries, request_rows, k)
+    info = {"kind": spec.kind, "factory": spec.factory, "search_params": params,
+            "recall_at_50": recall, "build_seconds": build_seconds,
+            "build_params": dict(spec.build_params), "recall_target": recall_target,
+            "recall_queries": len(queries), "search_ms_p50": round(p50, 4),
+            "search_ms_p99": round(p99, 4), "search_threads": 1, "chosen_by": spec.chosen_by}
     return index, info
 
 
@@ -171,11 +274,16 @@ def publish_bundle(
     metrics: dict[str, Any],
     models_dir: Path,
     name: str,
-    index_kind: str = "auto",
+    index_kind: str | IndexSpec = "auto",
     progress: bool = True,
     extra: dict[str, Any] | None = None,
+    naming: fmt.NamingTables | None = None,
 ) -> Path:
-    """Export, check and publish; returns models_dir/name/<version>."""
+    """Export, check and publish; returns models_dir/name/<version>. `naming` (from ESIM)
+    ships the interest vocabulary and projection so the service can name interests."""
+    if model.text_projection is not None:  # the served encoder keeps one plain item table
+        model = copy.deepcopy(model)
+        model.fold_item_text()
     model.eval()
     with torch.no_grad():
         vectors = model.item_vectors().numpy().astype(np.float32)
@@ -196,12 +304,15 @@ def publish_bundle(
         export_onnx(model, staging / fmt.ENCODER)
         parity = check_parity(model, staging / fmt.ENCODER, parity_inputs(model, real))
         export_seconds = time.perf_counter() - started
-        index, manifest["index"] = build_index(vectors, queries, index_kind, progress=progress)
+        index, manifest["index"] = build_index(vectors, queries, index_kind, progress=progress,
+                                                request_rows=cfg.interests)
         faiss.write_index(index, str(staging / fmt.INDEX))
         np.save(staging / fmt.ITEM_EMBEDDINGS, vectors)
         np.save(staging / fmt.POPULARITY, dataset.popularity()[1:])
         fmt.write_items(staging / fmt.ITEMS, dataset.item_ids[1:].tolist(),
                         dataset.titles[1:].tolist())
+        if naming is not None:
+            fmt.write_naming(staging, naming)
         manifest["extra"].update(parity_max_abs_diff=parity, export_seconds=export_seconds)
 
     path = fmt.publish(models_dir, name, write_files, manifest)

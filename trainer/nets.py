@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.bundle import SEMANTIC_DIM  # MiniLM's width: item texts, interest names
 from trainer.config import TrainConfig
 
 # Masked attention logits; finite so that an all-padding row gives zeros, not NaN.
@@ -53,6 +54,12 @@ class MultiInterestEncoder(nn.Module):
         nn.init.xavier_uniform_(self.item_embedding.weight)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
+        # --item-text: an item's vector is its id embedding plus a learnt projection of its
+        # fixed text features (trainer/item_text.py; filled by the training loop).
+        self.register_buffer("item_text", torch.zeros(n_items + 1, SEMANTIC_DIM)
+                             if cfg.item_text else None)
+        self.text_projection = (nn.Linear(SEMANTIC_DIM, cfg.dim, bias=False)
+                                if cfg.item_text else None)
 
     def encode(self, item_ids: Tensor) -> Encoded:
         raise NotImplementedError
@@ -60,9 +67,27 @@ class MultiInterestEncoder(nn.Module):
     def forward(self, item_ids: Tensor) -> Tensor:
         return self.encode(item_ids).interests
 
+    def embed_items(self, item_ids: Tensor) -> Tensor:
+        """Item vectors of internal ids (any shape; 0 = padding = zeros)."""
+        vectors = self.item_embedding(item_ids)
+        if self.text_projection is not None:
+            vectors = vectors + self.text_projection(self.item_text[item_ids])
+        return vectors
+
     def item_vectors(self) -> Tensor:
         """The retrieval corpus: embeddings of items 1..N (row i-1 = internal id i)."""
-        return self.item_embedding.weight[1:]
+        if self.text_projection is None:
+            return self.item_embedding.weight[1:]
+        return self.item_embedding.weight[1:] + self.text_projection(self.item_text[1:])
+
+    def fold_item_text(self) -> None:
+        """Bake the projected text into the id table and drop the text part: the same item
+        vectors from a plain embedding table, the one form export and serving know."""
+        if self.text_projection is None:
+            return
+        with torch.no_grad():
+            self.item_embedding.weight[1:] = self.item_vectors()
+        self.item_text, self.text_projection = None, None
 
     def loss(self, item_ids: Tensor, targets: Tensor, negatives: Negatives | None = None) -> Tensor:
         """Softmax of the target against the catalogue (full) or against shared negatives with
@@ -78,7 +103,7 @@ class MultiInterestEncoder(nn.Module):
         by, so the model is trained for the ranking it serves. `argmax` (ComiRec's): the
         interest closest to the target is the user vector and scores every item; another
         interest that scores a negative highly goes unpunished."""
-        target_vec = self.item_embedding(targets)
+        target_vec = self.embed_items(targets)
         if self.interest_loss == "argmax":
             best = torch.einsum("pkd,pd->pk", interests, target_vec).argmax(dim=1)
             return self.softmax_loss(interests[torch.arange(len(targets)), best], targets,
@@ -87,7 +112,7 @@ class MultiInterestEncoder(nn.Module):
             return F.cross_entropy(BestInterestScore.apply(interests, self.item_vectors()),
                                    targets - 1)
         pos = torch.einsum("pkd,pd->pk", interests, target_vec).amax(dim=1)
-        neg = BestInterestScore.apply(interests, self.item_embedding(negatives.ids))
+        neg = BestInterestScore.apply(interests, self.embed_items(negatives.ids))
         return self._sampled_loss(pos, neg, targets, negatives)
 
     def softmax_loss(self, users: Tensor, wanted: Tensor, negatives: Negatives | None) -> Tensor:
@@ -95,8 +120,8 @@ class MultiInterestEncoder(nn.Module):
         catalogue, or over the shared negatives with the logQ correction."""
         if negatives is None:
             return F.cross_entropy(users @ self.item_vectors().T, wanted - 1)
-        pos = (users * self.item_embedding(wanted)).sum(-1)
-        return self._sampled_loss(pos, users @ self.item_embedding(negatives.ids).T, wanted,
+        pos = (users * self.embed_items(wanted)).sum(-1)
+        return self._sampled_loss(pos, users @ self.embed_items(negatives.ids).T, wanted,
                                   negatives)
 
     @staticmethod
@@ -151,7 +176,7 @@ class ComiRecSA(MultiInterestEncoder):
 
     def encode(self, item_ids: Tensor) -> Encoded:
         mask = item_ids != 0
-        items = self.item_embedding(item_ids)  # [B, L, d]
+        items = self.embed_items(item_ids)  # [B, L, d]
         hidden = torch.tanh(self.hidden(items + self.position[-item_ids.shape[1] :]))
         logits = self.heads(hidden).transpose(1, 2)  # [B, K, L]
         logits = logits.masked_fill(~mask[:, None, :], MASK_LOGIT)
@@ -180,7 +205,7 @@ class CapsuleEncoder(MultiInterestEncoder):
 
     def encode(self, item_ids: Tensor) -> Encoded:
         mask = (item_ids != 0)[:, None, :].to(torch.float32)  # [B, 1, L]
-        hat = self.behaviour_capsules(self.item_embedding(item_ids))
+        hat = self.behaviour_capsules(self.embed_items(item_ids))
         hat_frozen = hat.detach()  # routing updates do not backpropagate (as ComiRec)
         logits = self.initial_logits(item_ids)
         for i in range(self.iterations):
@@ -290,7 +315,7 @@ class SASRec(MultiInterestEncoder):
         """Hidden state after every position [B, L, d], and the last block's attention."""
         length = item_ids.shape[1]
         mask = item_ids != 0
-        x = self.item_embedding(item_ids) * self.dim**0.5 + self.position[-length:]
+        x = self.embed_items(item_ids) * self.dim**0.5 + self.position[-length:]
         x = self.input_dropout(x) * mask[..., None]
         causal = torch.tril(torch.ones(length, length, dtype=torch.bool,
                                        device=item_ids.device))

@@ -1,15 +1,17 @@
 """The nightly job: event log -> training data -> candidate -> quality gate -> publish.
 
 1. Take a lock (one run at a time).
-2. Drain the service's Redis Stream through a consumer group: first this consumer's pending
-   entries (read by a run that died before acknowledging), then new ones. Each batch is written
-   as a Parquet partition named after its first and last stream ids (write to a temporary
-   file, fsync, rename) and only then acknowledged. A crash in between leaves the entries
-   pending; the rerun reads the same ids again and the loader keeps one row per stream id, so
+2. Drain the service's Redis Stream, shard by shard (service.names.KeyLayout: one stream, or
+   N by user hash; on Redis Cluster too), through a consumer group: first this consumer's
+   pending entries (read by a run that died before acknowledging), then new ones. Each batch is
+   written as a Parquet partition named after its shard and its first and last stream ids
+   (write to a temporary file, fsync, rename) and only then acknowledged. A crash in between
+   leaves the entries pending; the rerun reads the same ids again and the loader keeps one row
+   per stream id (qualified by the shard: `s3:<id>`, since shards' ids may coincide), so
    nothing is lost and nothing is duplicated. A malformed entry is set aside in
-   malformed/<first>-<last>.jsonl (with the reason) and acknowledged like the others, so it
-   never blocks the job. After each acknowledgement the stream is trimmed up to the oldest
-   entry the group has not acknowledged (the service appends without a length cap).
+   malformed/[<shard>-]<first>-<last>.jsonl (with the reason) and acknowledged like the others,
+   so it never blocks the job. After each acknowledgement the shard is trimmed up to the
+   oldest entry the group has not acknowledged (the service appends without a length cap).
 3. Retrain with the served model's configuration on its base data plus every persisted event.
 4. Evaluate the candidate and the served bundle through the serving code path on the same
    held-out users of the new data; publish the candidate only if its Recall@50 is not worse
@@ -40,9 +42,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import redis
+from redis.cluster import RedisCluster
 
 from service import bundle as fmt
-from service.history import MAX_TIMESTAMP
+from service.history import MAX_TIMESTAMP, REDIS_ERRORS
+from service.names import KeyLayout, is_cluster_url, node_url
 from service.recommender import Recommender
 from service.schemas import MAX_ID_LENGTH, check_id
 from trainer.config import TrainConfig
@@ -56,6 +60,7 @@ from trainer.train import evaluate_model, selection_cutoff, selection_metric, tr
 
 log = logging.getLogger(__name__)
 
+Client = redis.Redis | RedisCluster
 
 
 class NightlyError(RuntimeError):
@@ -92,6 +97,9 @@ class NightlyOptions:
     train_overrides: dict[str, Any] | None = None
     crash_after_persist: bool = False  # test hook: die between writing and acknowledging
     progress: bool = True
+    # The event stream's shard count; None: the counts the service recorded (service.names.
+    # KeyLayout.registry_key), or before it ever ran, 1 (16 on Redis Cluster).
+    shards: int | None = None
 
 
 # --- lock ---------------------------------------------------------------------------------------
@@ -131,7 +139,28 @@ def events_dir(data_dir: Path) -> Path:
     return data_dir / "events"
 
 
-def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
+def connect(url: str) -> Client:
+    # Raw bytes: one entry that is not UTF-8 must not make every read fail.
+    if is_cluster_url(url):
+        return RedisCluster.from_url(node_url(url), decode_responses=False)
+    return redis.Redis.from_url(url, decode_responses=False)
+
+
+def streams_to_read(client: Client, opts: NightlyOptions) -> dict[str, str]:
+    """Stream key -> shard tag ("" unsharded): the configured layout's streams, and those of
+    every shard count the service has used with this stream that still exist, so that a
+    change of EVENT_STREAM_SHARDS (or a move to Redis Cluster) leaves no event unread."""
+    layout = KeyLayout.for_url(opts.redis_url, opts.stream, opts.shards)
+    recorded = sorted(int(count) for count in client.smembers(layout.registry_key))
+    streams = layout.streams() if opts.shards is not None or not recorded else {}
+    for count in recorded:
+        for key, tag in KeyLayout(opts.stream, count).streams().items():
+            if key not in streams and client.exists(key):
+                streams[key] = tag
+    return streams
+
+
+def ensure_group(client: Client, stream: str, group: str) -> None:
     try:
         # From the beginning of the stream: the first run takes everything recorded so far.
         client.xgroup_create(stream, group, id="0", mkstream=True)
@@ -140,7 +169,7 @@ def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
             raise
 
 
-def read_batches(client: redis.Redis, stream: str, group: str, consumer: str,
+def read_batches(client: Client, stream: str, group: str, consumer: str,
                  count: int) -> Iterator[list[tuple[bytes, dict | None]]]:
     """This consumer's pending entries first (from a run that died), then new ones."""
     start: str | bytes = "0"
@@ -218,13 +247,18 @@ def parse_entry(fields: dict[bytes, bytes] | None) -> tuple[str, str, str, int]:
             _id_field(event, "item_id"), _timestamp(event))
 
 
-def parse_entries(entries: list[tuple[bytes | str, dict | None]]
+def qualified(tag: str, stream_id: str) -> str:
+    """A stream id unique across the shards (`s3:<id>`); the unsharded stream's as it is."""
+    return f"{tag}:{stream_id}" if tag else stream_id
+
+
+def parse_entries(entries: list[tuple[bytes | str, dict | None]], tag: str = ""
                   ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """The valid events as a frame, and one record per malformed entry (never an exception:
-    one bad entry must not block the stream)."""
+    """The valid events of shard `tag` as a frame, and one record per malformed entry (never
+    an exception: one bad entry must not block the stream)."""
     rows, bad = [], []
     for raw_id, fields in entries:
-        stream_id = as_text(raw_id)
+        stream_id = qualified(tag, as_text(raw_id))
         try:
             rows.append((stream_id, *parse_entry(fields)))
         except Exception as exc:  # whatever is wrong with it, the entry is set aside
@@ -236,8 +270,9 @@ def parse_entries(entries: list[tuple[bytes | str, dict | None]]
     return frame.astype({"timestamp": "int64"}), bad
 
 
-def _file_stem(first: str, last: str) -> str:
-    return f"{first.replace('-', '_')}-{last.replace('-', '_')}"
+def _file_stem(first: str, last: str, tag: str) -> str:
+    stem = f"{first.replace('-', '_')}-{last.replace('-', '_')}"
+    return f"{tag}-{stem}" if tag else stem
 
 
 def _durable_replace(tmp: Path, path: Path) -> None:
@@ -252,9 +287,10 @@ def _durable_replace(tmp: Path, path: Path) -> None:
         os.close(dir_fd)
 
 
-def write_partition(frame: pd.DataFrame, directory: Path, first: str, last: str) -> Path:
+def write_partition(frame: pd.DataFrame, directory: Path, first: str, last: str,
+                    tag: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"part-{_file_stem(first, last)}.parquet"
+    path = directory / f"part-{_file_stem(first, last, tag)}.parquet"
     tmp = path.with_suffix(".tmp")
     frame.to_parquet(tmp, index=False)
     _durable_replace(tmp, path)
@@ -262,11 +298,11 @@ def write_partition(frame: pd.DataFrame, directory: Path, first: str, last: str)
 
 
 def write_malformed(records: list[dict[str, Any]], directory: Path, first: str,
-                    last: str) -> Path:
+                    last: str, tag: str = "") -> Path:
     """The batch's malformed entries as JSON lines, for a person to look at. Written whole
     (a batch read again after a crash rewrites its file instead of doubling it)."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{_file_stem(first, last)}.jsonl"
+    path = directory / f"{_file_stem(first, last, tag)}.jsonl"
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records),
                    encoding="utf-8")
@@ -281,13 +317,16 @@ def next_stream_id(stream_id: str) -> str:
     return f"{int(ms) + 1}-0"
 
 
-def oldest_unacknowledged(client: redis.Redis, stream: str, group: str) -> str | None:
+def oldest_unacknowledged(client: Client, stream: str, group: str) -> str | None:
     """The id of the oldest entry `group` has not acknowledged (it may not exist yet): the
     smallest pending id, else the one after the last delivered. None if the stream or the
     group does not exist."""
     try:
-        # One transaction: the group's position and its pending list from the same moment.
-        with client.pipeline(transaction=True) as pipe:
+        # The position first, then the pending list (Redis runs a pipeline in order): entries
+        # delivered in between are pending at the second read, so the bound never passes an
+        # unacknowledged entry. No MULTI: redis-py's cluster transactions skip its reply
+        # parsing.
+        with client.pipeline(transaction=False) as pipe:
             pipe.xinfo_groups(stream)
             pipe.xpending(stream, group)
             groups, pending = pipe.execute()
@@ -301,7 +340,7 @@ def oldest_unacknowledged(client: redis.Redis, stream: str, group: str) -> str |
     return next_stream_id(as_text(last))
 
 
-def trim_acknowledged(client: redis.Redis, stream: str, group: str) -> int:
+def trim_acknowledged(client: Client, stream: str, group: str) -> int:
     """Delete the entries the group has acknowledged (nothing if the group does not exist).
     Entries added meanwhile have larger ids than the bound and stay."""
     bound = oldest_unacknowledged(client, stream, group)
@@ -315,38 +354,46 @@ def malformed_dir(data_dir: Path) -> Path:
 
 
 def ingest(opts: NightlyOptions) -> dict[str, Any]:
-    # Raw bytes: one entry that is not UTF-8 must not make every read fail.
-    client = redis.Redis.from_url(opts.redis_url, decode_responses=False)
+    stats: dict[str, Any] = {"events": 0, "malformed": 0, "partitions": 0, "trimmed": 0,
+                             "streams": 0, "malformed_files": []}
     try:
-        ensure_group(client, opts.stream, opts.group)
-        stats: dict[str, Any] = {"events": 0, "malformed": 0, "partitions": 0, "trimmed": 0,
-                                 "malformed_files": []}
-        batches = 0
-        for entries in read_batches(client, opts.stream, opts.group, "nightly", opts.batch_size):
-            frame, bad = parse_entries(entries)
-            ids = [as_text(stream_id) for stream_id, _ in entries]
-            if len(frame):
-                write_partition(frame, events_dir(opts.data_dir), ids[0], ids[-1])
-                stats["partitions"] += 1
-            if bad:
-                path = write_malformed(bad, malformed_dir(opts.data_dir), ids[0], ids[-1])
-                stats["malformed_files"].append(str(path))
-                log.warning("nightly: %d malformed stream entries set aside in %s (first: %s)",
-                            len(bad), path, bad[0]["reason"])
-            if opts.crash_after_persist:
-                os._exit(86)  # the test hook: persisted, not acknowledged
-            client.xack(opts.stream, opts.group, *ids)
-            stats["events"] += len(frame)
-            stats["malformed"] += len(bad)
-            stats["trimmed"] += trim_acknowledged(client, opts.stream, opts.group)
-            batches += 1
-        if not batches:  # still trim what a previous run acknowledged but did not trim
-            stats["trimmed"] += trim_acknowledged(client, opts.stream, opts.group)
-        return stats
-    except redis.RedisError as exc:
+        client = connect(opts.redis_url)  # the cluster client connects here
+        try:
+            for stream, tag in streams_to_read(client, opts).items():
+                ensure_group(client, stream, opts.group)
+                ingest_stream(client, stream, tag, opts, stats)
+                stats["streams"] += 1
+        finally:
+            client.close()
+    except REDIS_ERRORS as exc:
         raise NightlyError(f"redis ({opts.redis_url}): {exc}") from exc
-    finally:
-        client.close()
+    return stats
+
+
+def ingest_stream(client: Client, stream: str, tag: str, opts: NightlyOptions,
+                  stats: dict[str, Any]) -> None:
+    """Persist, acknowledge and trim one stream shard's new entries; counts go to `stats`."""
+    batches = 0
+    for entries in read_batches(client, stream, opts.group, "nightly", opts.batch_size):
+        frame, bad = parse_entries(entries, tag)
+        ids = [as_text(stream_id) for stream_id, _ in entries]
+        if len(frame):
+            write_partition(frame, events_dir(opts.data_dir), ids[0], ids[-1], tag)
+            stats["partitions"] += 1
+        if bad:
+            path = write_malformed(bad, malformed_dir(opts.data_dir), ids[0], ids[-1], tag)
+            stats["malformed_files"].append(str(path))
+            log.warning("nightly: %d malformed stream entries set aside in %s (first: %s)",
+                        len(bad), path, bad[0]["reason"])
+        if opts.crash_after_persist:
+            os._exit(86)  # the test hook: persisted, not acknowledged
+        client.xack(stream, opts.group, *ids)
+        stats["events"] += len(frame)
+        stats["malformed"] += len(bad)
+        stats["trimmed"] += trim_acknowledged(client, stream, opts.group)
+        batches += 1
+    if not batches:  # still trim what a previous run acknowledged but did not trim
+        stats["trimmed"] += trim_acknowledged(client, stream, opts.group)
 
 
 # --- the quality gate ---------------------------------------------------------------------------
@@ -402,7 +449,8 @@ def run_nightly(opts: NightlyOptions) -> dict[str, Any]:
         histories, targets = held_out(dataset, cfg.maxlen)
         with tempfile.TemporaryDirectory(dir=opts.data_dir) as tmp:
             candidate_dir = publish_bundle(result.model, dataset, cfg, spec, {"test": test},
-                                           Path(tmp), opts.name, progress=opts.progress)
+                                           Path(tmp), opts.name, progress=opts.progress,
+                                           naming=result.naming)
             # The gate compares what selection compares: Recall@50, or a smaller cut-off on a
             # catalogue where Recall@50 is 1.0 for any model.
             gate = selection_metric(dataset.n_items)

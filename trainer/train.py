@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from trainer import distributed
 from trainer.config import FULL_SOFTMAX_MAX_ITEMS, TrainConfig
 from trainer.dataset import EvalSplit, SequenceDataset
 from trainer.evaluate import Encoder, Search, evaluate_encoder, exact_search
@@ -23,6 +24,7 @@ from trainer.metrics import CUTOFFS
 from trainer.nets import MultiInterestEncoder, Negatives, build_encoder
 
 if TYPE_CHECKING:  # ESIM's imports (transformers, LLM clients) stay out of plain training
+    from service.bundle import NamingTables
     from trainer.esim import EsimObjective
 
 # Called once at the end of the warm-up with the warmed-up model: returns the ESIM objective
@@ -37,6 +39,7 @@ SELECTION_METRIC = "recall@50"
 EVALS_PER_EPOCH = 3
 # How often (steps) the progress bar's total and postfix are refreshed between evaluations.
 PROGRESS_EVERY = 20
+STOP_REASONS = ("max_epochs", "early_stopping", "time_limit")
 
 
 def selection_cutoff(n_items: int) -> int:
@@ -118,7 +121,9 @@ class TrainResult:
     loss_mode: str
     curve: list[dict[str, float]] = field(default_factory=list)
     esim: dict[str, Any] | None = None  # ESIM report (typical users, labels, LLM statistics)
+    naming: NamingTables | None = None  # with ESIM: what the bundle needs to name interests
     selection_metric: str = SELECTION_METRIC  # the validation metric that chose the model
+    world_size: int = 1  # training processes (torchrun; trainer/distributed.py)
 
 
 def encode_numpy(model: MultiInterestEncoder):
@@ -156,10 +161,16 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    # Per-rank negatives (rank 0's are a single process's); the epoch order below (rng) is
+    # the same on every rank, which then takes its own share of each batch.
+    generator = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed))
     rng = np.random.default_rng(cfg.seed)
 
     model = build_encoder(dataset.n_items, cfg)
+    if cfg.item_text:
+        from trainer.item_text import item_text_features  # MiniLM: only when asked for
+
+        model.item_text.copy_(torch.from_numpy(item_text_features(dataset)))
     if model.every_position:  # whole windows, borders moved every epoch
         users, positions = dataset.train_windows(cfg.maxlen)
     else:  # one example per (user, target position)
@@ -180,6 +191,13 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                       torch.optim.Adam([p for p in model.parameters() if p is not table],
                                        lr=cfg.lr)]
     valid = dataset.eval_split("valid", cfg.maxlen)
+    world = distributed.world_size()
+    distributed.check_batch_size(cfg.batch_size)
+    if cfg.esim and world > 1:
+        raise ValueError("ESIM is not supported with more than one training process")
+    objective = distributed.loss_module(model)  # DDP around model.loss when distributed
+    distributed.seed_rank(cfg.seed)  # per-rank dropout, once every rank has the same init
+    progress = progress and distributed.is_main()
 
     if cfg.esim and esim_setup is None:
         raise ValueError("cfg.esim is set but no esim_setup was given")
@@ -204,8 +222,9 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
     bad_evals, step, stopped_by = 0, 0, "max_epochs"
     curve: list[dict[str, float]] = []
     started = time.perf_counter()
-    log.info("training %s: %d examples, %d steps per epoch, at most %d steps or %g minutes",
-             cfg.backbone, len(users), steps_per_epoch, max_steps, cfg.max_minutes)
+    log.info("training %s: %d examples, %d steps per epoch, at most %d steps or %g minutes%s",
+             cfg.backbone, len(users), steps_per_epoch, max_steps, cfg.max_minutes,
+             f", {world} processes" if world > 1 else "")
 
     def show_progress(**postfix: str) -> None:
         # The bar ends where training will stop if validation does not improve any more,
@@ -232,9 +251,9 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
             if model.every_position and epoch:
                 users, positions = dataset.train_windows(cfg.maxlen, rng)
             targets_all = dataset.flat[dataset.offsets[users] + positions]
-            order = rng.permutation(len(users))
+            order = distributed.trim(rng.permutation(len(users)))
             for lo in range(0, len(order), cfg.batch_size):
-                batch = order[lo : lo + cfg.batch_size]
+                batch = distributed.shard(order[lo : lo + cfg.batch_size])
                 histories = torch.from_numpy(
                     dataset.histories(users[batch], positions[batch], cfg.maxlen))
                 targets = torch.from_numpy(targets_all[batch])
@@ -250,8 +269,8 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                     # The model must be chosen among ESIM-trained states, or ESIM could be a
                     # no-op.
                     best_metric, best_state, bad_evals, selected_step = -1.0, None, 0, None
-                model.train()
-                loss = model.loss(histories, targets, negatives)
+                objective.train()
+                loss = objective(histories, targets, negatives)  # through DDP's forward
                 if esim_objective is not None:
                     aux, esim_parts = esim_objective.loss(model)
                     loss = loss + aux
@@ -265,6 +284,7 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                 bar.update(1)
 
                 if step % eval_every == 0:
+                    running = distributed.mean(running)  # the global batch's loss
                     metrics = evaluate_model(model, valid, cutoffs)
                     curve.append({"step": step, "loss": running, **metrics,
                                   **{f"esim_{k}": v for k, v in esim_parts.items()}})
@@ -284,6 +304,9 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                     show_progress(loss=f"{running:.3f}", best=f"{max(best_metric, 0):.4f}")
                 if (time.perf_counter() - started) / 60 > cfg.max_minutes:
                     stopped_by = "time_limit"
+                # Rank 0 decides for all (the clocks differ): a rank that stopped alone
+                # would leave the others waiting in the next all-reduce.
+                stopped_by = distributed.agree(stopped_by, STOP_REASONS)
                 if stopped_by != "max_epochs":
                     break
             if stopped_by != "max_epochs":
@@ -297,9 +320,18 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
         best_valid, best_step, best_state = metrics, step, None
     if best_state is not None:
         model.load_state_dict(best_state)
+    distributed.broadcast_state(model)  # every rank returns rank 0's choice
     model.item_embedding.sparse = False
     model.eval()
     seconds = time.perf_counter() - started
+    naming = None
+    if esim_objective is not None:
+        from trainer.naming import build_naming
+
+        naming = build_naming(esim_objective, model, esim_objective.texts)
+        esim_report["naming"] = {"labels": len(naming.names),
+                                 "min_confidence": naming.min_confidence,
+                                 **naming.calibration}
     epochs = step / steps_per_epoch
     log.info("trained %s: %d steps in %.1fs, best valid %s=%.4f at step %d (%s)",
              cfg.backbone, step, seconds, metric, best_valid[metric], best_step, stopped_by)
@@ -310,6 +342,6 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
     return TrainResult(
         model=model, best_valid=best_valid, best_step=best_step, steps=step,
         epochs=epochs, seconds=seconds, stopped_by=stopped_by,
-        loss_mode="full" if full else "sampled", curve=curve, esim=esim_report,
-        selection_metric=metric,
+        loss_mode="full" if full else "sampled", curve=curve, esim=esim_report, naming=naming,
+        selection_metric=metric, world_size=world,
     )

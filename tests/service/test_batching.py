@@ -66,9 +66,13 @@ def test_concurrent_requests_are_batched_and_each_gets_its_solo_answer(models_di
         async with serving(solo_app) as client:
             items = solo_app.state.recsys.models.current.bundle.item_ids.tolist()
             bodies = mixed_requests(items)
-            solo = [(await client.post("/recommend", json=b)).json() for b in bodies]
+            # The same request id per body in both runs: answers carry it (request_id).
+            ids = [{"X-Request-ID": f"r{i}"} for i in range(len(bodies))]
+            solo = [(await client.post("/recommend", json=b, headers=h)).json()
+                    for b, h in zip(bodies, ids, strict=True)]
         async with serving(batched_app) as client:
-            answers = await asyncio.gather(*(client.post("/recommend", json=b) for b in bodies))
+            answers = await asyncio.gather(*(client.post("/recommend", json=b, headers=h)
+                                             for b, h in zip(bodies, ids, strict=True)))
         assert {r.status_code for r in answers} == {200}
         return solo, [r.json() for r in answers]
 

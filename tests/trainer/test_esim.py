@@ -11,6 +11,8 @@ import onnx
 import pytest
 import torch
 
+from service.bundle import load_bundle
+from service.recommender import Recommender, Shaping
 from trainer.cli import main as cli_main
 from trainer.config import TrainConfig
 from trainer.esim import (
@@ -19,10 +21,10 @@ from trainer.esim import (
     prepare_esim,
     select_typical_users,
 )
-from trainer.export import export_onnx
+from trainer.export import export_onnx, publish_bundle
 from trainer.llm import METADATA_SOURCE, MetadataLabeller
 from trainer.nets import build_encoder
-from trainer.train import train
+from trainer.train import evaluate_model, train
 
 
 def test_typical_users_are_distinct_training_users_nearest_their_centroids(tiny_dataset,
@@ -119,6 +121,38 @@ def test_esim_run_changes_the_encoder_but_not_its_exported_interface(tiny_datase
     export_onnx(plain.model, tmp_path / "plain.onnx")
     export_onnx(esim.model, tmp_path / "esim.onnx")
     assert interface(tmp_path / "plain.onnx") == interface(tmp_path / "esim.onnx")
+
+    # What naming ships: the vocabulary's labels (named after the labeller's interests), the
+    # projection g, a threshold calibrated on the supervised users; none without ESIM.
+    naming = esim.naming
+    assert plain.naming is None and naming is not None
+    vocabulary = json.loads((tmp_path / "esim" / "vocabulary.json").read_text())
+    assert len(naming.names) == len(vocabulary) and sum(naming.sizes) == sum(
+        len(texts) for texts in vocabulary.values())
+    assert all(name.startswith("topic-") for name in naming.names)  # the metadata labeller's
+    assert naming.projection.shape == (384, 16) and naming.vocabulary.shape[1] == 384
+    assert np.allclose(np.linalg.norm(naming.vocabulary, axis=1), 1.0, atol=1e-5)
+    assert naming.calibration["rows"] == esim.esim["semantic_interests"]
+    assert -1.0 <= naming.min_confidence <= 1.0
+    assert esim.esim["naming"]["labels"] == len(naming.names)
+
+    # Published and served: every interest carries a vocabulary name (or none) and the
+    # cosine it was judged by; the names match what the trainer computes from g.
+    test = evaluate_model(esim.model, tiny_dataset.eval_split("test", 20))
+    bundle = publish_bundle(esim.model, tiny_dataset, esim_cfg, {"synthetic": {}},
+                            {"test": test}, tmp_path / "models", "named", progress=False,
+                            naming=naming)
+    served = Recommender(load_bundle(bundle))
+    history = tiny_dataset.sequence(int(tiny_dataset.test_users[0]))[-20:]
+    answer = served.recommend(tiny_dataset.item_ids[history].tolist(), 10,
+                              shaping=Shaping(min_name_confidence=-1.0))  # name them all
+    with torch.no_grad():
+        interests = esim.model(torch.from_numpy(history[None]))[0].numpy()
+    z = interests @ naming.projection.T + naming.bias
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    expected = [naming.names[i] for i in (z @ naming.vocabulary.T).argmax(axis=1)]
+    assert [d.name for d in answer.interest_details] == expected
+    assert all(d.confidence is not None for d in answer.interest_details)
 
 
 def test_warmup_longer_than_training_is_refused(tiny_dataset):
