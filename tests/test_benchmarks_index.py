@@ -2,33 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service import bundle as fmt
+from tests.helpers import benchmark_script
 from trainer.export import IndexSpec, build_index, index_spec
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "index_sweep.py"
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("index_sweep_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("index_sweep") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def clustered(n: int, d: int, clusters: int, rng: np.random.Generator) -> np.ndarray:
@@ -149,10 +140,11 @@ def test_publish_records_the_operating_point(tiny_dataset, tmp_path):
 
 
 def test_load_benchmark_sums_pss_over_the_process_tree():
-    spec = importlib.util.spec_from_file_location(
-        "service_load_script", SCRIPT.parent / "service_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with benchmark_script("service_load") as module:
+        _check_pss(module)
+
+
+def _check_pss(module):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         deadline = time.monotonic() + 10

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "folds.py"
+from tests.helpers import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def folds():
-    spec = importlib.util.spec_from_file_location("folds_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("folds") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_users(folds):

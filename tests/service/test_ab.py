@@ -5,7 +5,6 @@ attribution counts from a scripted session (in-process and with a real throwaway
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.ab import Assigner, Claim, InMemoryAttributionStore, VariantSpec, parse_variants
+from tests.helpers import metric, wait_for
 from tests.service.conftest import make_settings, publish_copy
 
 SPLIT = "control=tiny:0.5,treatment=tiny-b:0.5"
@@ -27,23 +27,8 @@ def ab_models(models_dir):
     return models_dir
 
 
-def wait_for(predicate, timeout=15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
-        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 # --- the split ----------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """The HTTP contract, through the real app (TestClient runs its lifespan)."""
 
 import json
-import time
 
 import pytest
 
 from service import bundle as fmt
+from tests.helpers import wait_for
 from tests.service.conftest import publish_copy
 
 
@@ -178,13 +178,6 @@ def test_no_bundle_means_not_ready(tmp_path, client_for):
         assert response.status_code == 503 and "no model loaded" in response.json()["detail"]
 
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_hot_reload_swaps_and_refuses_a_broken_bundle(client, models_dir):

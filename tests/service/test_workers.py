@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import numpy as np
 from service import bundle as fmt
 from service import mapping
 from service.bundle import load_bundle
+from tests.helpers import metric
 from tests.service.conftest import free_port, publish_copy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,14 +104,6 @@ def serve(models_dir: Path, log: Path, workers: int, **settings: object) -> Iter
             process.wait(timeout=5)
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
-        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 # --- settings ---------------------------------------------------------------------------------
