@@ -18,7 +18,7 @@ from service.batching import Batcher
 from service.bundle import load_bundle
 from service.observability import Metrics
 from service.recommender import Recommender
-from tests.service.conftest import make_settings, publish_copy
+from tests.service.conftest import live_server, make_settings, publish_copy
 
 
 @contextlib.asynccontextmanager
@@ -176,11 +176,14 @@ def test_the_window_holds_a_batch_open_for_late_mates_until_it_is_full(models_di
 
 
 def test_hot_reload_under_batched_load_drops_nothing(models_dir):
+    # A real server on loopback, as in production: its event loop waits on sockets, so the
+    # threads that publish and load the new version get the GIL. (In-process ASGI calls never
+    # block, and a client looping on them can starve those threads for seconds.)
     app = create_app(make_settings(models_dir, reload_interval_seconds=0.05))
 
-    async def scenario() -> list[tuple[int, dict]]:
+    async def scenario(url: str) -> list[tuple[int, dict]]:
         results: list[tuple[int, dict]] = []
-        async with serving(app) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             items = app.state.recsys.models.current.bundle.item_ids.tolist()
             bodies = mixed_requests(items, 12)
             stop = time.monotonic() + 2.0
@@ -197,7 +200,8 @@ def test_hot_reload_under_batched_load_drops_nothing(models_dir):
             await asyncio.gather(publisher(), *(worker(b) for b in bodies))
         return results
 
-    results = asyncio.run(scenario())
+    with live_server(app) as url:
+        results = asyncio.run(scenario(url))
     assert {status for status, _ in results} == {200}
     versions = [body["model_version"] for _, body in results]
     assert set(versions) == {1, 2} and versions[-1] == 2
