@@ -15,18 +15,21 @@ Histories: `<store>/<name>.histories.json` next to the bundle's name directory i
 by the bundle's training popularity.
 
 Full-scale (after `python benchmarks/bundle.py --keep /var/tmp/bench-store ...`; each
-command about 4 minutes on an idle 2-core machine). The defaults (one worker, FAISS threads
-auto: 2 for an HNSW index), then one FAISS thread, then two workers:
+command about 4 minutes on an idle 2-core machine). The defaults (one worker, batching on,
+FAISS threads auto), then two workers, then batching off, then two FAISS threads:
 
     python benchmarks/service_load.py --bundle /var/tmp/bench-store/movielens-small \
         --bundle /var/tmp/bench-store/synthetic-1m --concurrency 1 16 64 --seconds 15 \
         --out benchmarks/results/service_load.json
     python benchmarks/service_load.py --bundle /var/tmp/bench-store/movielens-small \
         --bundle /var/tmp/bench-store/synthetic-1m --concurrency 1 16 64 --seconds 15 \
-        --faiss-threads 1 --out benchmarks/results/service_load-faiss1.json
+        --workers 2 --out benchmarks/results/service_load-workers2.json
     python benchmarks/service_load.py --bundle /var/tmp/bench-store/movielens-small \
         --bundle /var/tmp/bench-store/synthetic-1m --concurrency 1 16 64 --seconds 15 \
-        --workers 2 --faiss-threads 1 --out benchmarks/results/service_load-workers2.json
+        --batch-max-size 1 --out benchmarks/results/service_load-nobatch.json
+    python benchmarks/service_load.py --bundle /var/tmp/bench-store/synthetic-1m \
+        --concurrency 1 16 64 --seconds 15 --faiss-threads 2 \
+        --out benchmarks/results/service_load-faiss2.json
 """
 
 from __future__ import annotations
@@ -233,13 +236,14 @@ def wrk_load(url: str, users: int, k: int, concurrency: int, seconds: float) -> 
 
 
 def floor(bundle_dir: Path, redis_url: str, users: int, k: int, seconds: float, fanout: int,
-          faiss_setting: int, onnx_threads: int, layout: KeyLayout) -> dict[str, Any]:
+          faiss_setting: int, onnx_threads: int, layout: KeyLayout, workers: int
+          ) -> dict[str, Any]:
     """The same requests computed in this process one at a time: Redis LRANGE, ONNX encoder,
-    FAISS search and merge, with the service's thread settings."""
+    FAISS search and merge, with one service worker's thread settings."""
     import faiss
 
     rec = Recommender(load_bundle(bundle_dir, threads=onnx_threads))
-    threads = search_threads(faiss_setting, rec)
+    threads = search_threads(faiss_setting, rec, workers)
     faiss.omp_set_num_threads(threads)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     rng = random.Random(0)
@@ -325,7 +329,8 @@ def run_bundle(path: Path, args: argparse.Namespace, redis_url: str,
                 floor, bundle_dir, redis_url, args.users, args.k, args.floor_seconds,
                 args.fanout, int(service_env.get("FAISS_THREADS", 0)),
                 int(service_env.get("ONNX_THREADS", 1)),
-                KeyLayout(shards=int(service_env.get("EVENT_STREAM_SHARDS", 1)))).result()
+                KeyLayout(shards=int(service_env.get("EVENT_STREAM_SHARDS", 1))),
+                int(service_env.get("WORKERS", 1))).result()
         use_wrk = shutil.which("wrk") is not None and not args.httpx
         generate = wrk_load if use_wrk else (lambda *a: asyncio.run(httpx_load(*a)))
         generate(url, args.users, args.k, 1, args.warmup_seconds)  # fault the mapped files in

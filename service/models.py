@@ -21,24 +21,31 @@ from service.recommender import Recommender
 log = logging.getLogger("service.models")
 
 
-def search_threads(setting: int, model: Recommender) -> int:
-    """FAISS threads: the setting, or (0 = auto) one for an exact index, where a search is a
-    fraction of a millisecond and threads only add jitter, and one per core for ANN indexes
-    over large catalogues (IVF over 1M items: 6.1 ms p50 with 1 thread, 3.8 ms with 2)."""
+def worker_cores(workers: int = 1) -> int:
+    """The cores one of `workers` worker processes may keep busy on its own."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def search_threads(setting: int, model: Recommender, workers: int = 1) -> int:
+    """FAISS threads: the setting, or (0 = auto) 1 for an exact index, where a search is a
+    fraction of a millisecond and threads only add jitter, and this worker's share of the cores
+    for ANN indexes (1M items, one request's search: IVF 6.1 ms with 1 thread, 3.8 ms with 2;
+    HNSW32 1.8 ms, 1.1 ms). Per worker, so that N workers do not run N x cores threads."""
     if setting:
         return setting
-    return 1 if model.bundle.manifest.index.kind == "flat" else (os.cpu_count() or 1)
+    return 1 if model.bundle.manifest.index.kind == "flat" else worker_cores(workers)
 
 
 class ModelManager:
     def __init__(self, models_dir: Path, name: str, onnx_threads: int = 1,
                  faiss_threads: int = 0, on_reload: Callable[[str], None] | None = None,
-                 mmap: bool = True) -> None:
+                 mmap: bool = True, workers: int = 1) -> None:
         self.root = Path(models_dir) / name
         self.mmap = mmap  # memory-map the bundle's large files (shared between workers)
         self.name = name
         self.onnx_threads = onnx_threads
         self.faiss_threads = faiss_threads
+        self.workers = workers  # WORKERS: the processes sharing this machine's cores
         self.current: Recommender | None = None
         self.refused: dict[int, float] = {}  # version -> manifest mtime when refused
         self.last_error: str | None = None
@@ -78,7 +85,7 @@ class ModelManager:
                 f"version {bundle.manifest.version}; publish with the trainer (or "
                 f"service.bundle.republish) or roll back by deleting newer versions")
         model = Recommender(bundle)
-        model.search_threads = search_threads(self.faiss_threads, model)
+        model.search_threads = search_threads(self.faiss_threads, model, self.workers)
         return model
 
     async def refresh(self) -> bool:
@@ -101,7 +108,7 @@ class ModelManager:
                     log.error("refused bundle", extra={"bundle": str(path), "error": str(exc)})
                     continue
                 previous = self.current.version if self.current else None
-                faiss.omp_set_num_threads(search_threads(self.faiss_threads, loaded))
+                faiss.omp_set_num_threads(search_threads(self.faiss_threads, loaded, self.workers))
                 self.current = loaded  # the swap: one reference assignment
                 self._warned_gone = False
                 self.on_reload("success")

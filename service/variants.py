@@ -109,7 +109,7 @@ def build_variants(settings: Settings,
         if key not in managers:
             common = dict(onnx_threads=settings.onnx_threads,
                           faiss_threads=settings.faiss_threads, on_reload=on_reload,
-                          mmap=settings.mmap_bundle)
+                          mmap=settings.mmap_bundle, workers=settings.workers)
             managers[key] = (
                 ModelManager(settings.models_dir, spec.model, **common)  # type: ignore[arg-type]
                 if spec.version is None else

@@ -273,3 +273,20 @@ def test_metrics_add_up_over_workers(models_dir, redis_url, tmp_path):
     versions = {pid: metric(after, "recsys_model_version", pid=str(pid)) for pid in workers}
     assert versions == {pid: 1.0 for pid in workers}
     assert metric(after, "recsys_reloads_total", result="success") == 2  # one load per worker
+
+
+def test_auto_faiss_threads_split_the_cores_between_workers(monkeypatch):
+    from types import SimpleNamespace
+
+    from service.models import search_threads
+
+    def served(kind: str) -> SimpleNamespace:
+        index = SimpleNamespace(kind=kind)
+        return SimpleNamespace(bundle=SimpleNamespace(manifest=SimpleNamespace(index=index)))
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    kinds = ("flat", "hnsw", "ivf", "ivfpq")
+    assert [search_threads(0, served(kind)) for kind in kinds] == [1, 8, 8, 8]
+    assert [search_threads(0, served(kind), workers=3) for kind in kinds] == [1, 2, 2, 2]
+    assert search_threads(0, served("hnsw"), workers=16) == 1
+    assert search_threads(3, served("flat"), workers=2) == 3  # a setting wins
