@@ -75,8 +75,11 @@ def test_compose_commands_are_accepted_by_the_trainer_cli(compose):
 
 def test_compose_environment_is_valid_service_settings(compose):
     env = compose["services"]["api"]["environment"]
-    settings = Settings(**{k.lower(): v for k, v in env.items()})
+    # As compose interpolates with the variables unset: ${VAR:-default} -> default.
+    defaults = {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
+    settings = Settings(**{k.lower(): v for k, v in defaults.items()})
     assert settings.host == "0.0.0.0" and str(settings.models_dir) == "/models"
+    assert settings.workers == 2 and settings.redis_url  # both cores; workers need Redis
     assert set(k.lower() for k in env) <= set(Settings.model_fields)
 
 
