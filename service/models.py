@@ -21,11 +21,6 @@ from service.recommender import Recommender
 log = logging.getLogger("service.models")
 
 
-def worker_cores(workers: int = 1) -> int:
-    """The cores one of `workers` worker processes may keep busy on its own."""
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
 def search_threads(setting: int, model: Recommender, workers: int = 1) -> int:
     """FAISS threads: the setting, or (0 = auto) 1 for an exact index, where a search is a
     fraction of a millisecond and threads only add jitter, and this worker's share of the cores
@@ -33,7 +28,9 @@ def search_threads(setting: int, model: Recommender, workers: int = 1) -> int:
     HNSW32 1.8 ms, 1.1 ms). Per worker, so that N workers do not run N x cores threads."""
     if setting:
         return setting
-    return 1 if model.bundle.manifest.index.kind == "flat" else worker_cores(workers)
+    if model.bundle.manifest.index.kind == "flat":
+        return 1
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 class ModelManager:
