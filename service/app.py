@@ -31,6 +31,7 @@ from service.history import (
     StoreUnavailable,
 )
 from service.observability import Metrics, configure_logging, mark_worker_dead, request_id_var
+from service.recommender import Shaping
 from service.schemas import is_request_id
 from service.settings import Settings, get_settings
 from service.variants import build_variants
@@ -242,7 +243,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         variants=build_variants(settings, on_reload=count_reload),
         attribution=make_attribution(settings, store),
         batcher=Batcher(settings.batch_max_size, settings.batch_window_ms, metrics)
-        if settings.batch_max_size > 1 else None)
+        if settings.batch_max_size > 1 else None,
+        shaping=Shaping(
+            merge_cosine=settings.interest_merge_cosine if settings.adaptive_interests else None,
+            min_name_confidence=settings.min_name_confidence))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

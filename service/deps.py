@@ -13,7 +13,7 @@ from service.batching import Batcher
 from service.history import HistoryStore
 from service.models import ModelManager
 from service.observability import Metrics
-from service.recommender import Recommender
+from service.recommender import DEFAULT_SHAPING, Recommender, Shaping
 from service.settings import Settings
 from service.variants import Variant, Variants
 
@@ -26,6 +26,7 @@ class AppState:
     attribution: AttributionStore  # which variant served which request (service/ab.py)
     metrics: Metrics
     batcher: Batcher | None = None  # None: each request computed alone
+    shaping: Shaping = DEFAULT_SHAPING  # how interests shape answers (from the settings)
 
     @property
     def models(self) -> ModelManager:
@@ -57,11 +58,8 @@ async def require_api_key(request: Request, state: State) -> None:
 
 
 async def get_recommender(state: State) -> Recommender:
-    current = state.models.current
-    if current is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            f"no model loaded yet (waiting for a bundle in {state.models.root})")
-    return current
+    """The control's model (the only one without A/B), or 503 while it has none."""
+    return variant_model(state.variants.primary)
 
 
 ServedModel = Annotated[Recommender, Depends(get_recommender)]

@@ -13,8 +13,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import faiss
-
 from service.bundle import MANIFEST, BundleError, complete_versions, load_bundle
 from service.recommender import Recommender
 
@@ -105,7 +103,6 @@ class ModelManager:
                     log.error("refused bundle", extra={"bundle": str(path), "error": str(exc)})
                     continue
                 previous = self.current.version if self.current else None
-                faiss.omp_set_num_threads(search_threads(self.faiss_threads, loaded, self.workers))
                 self.current = loaded  # the swap: one reference assignment
                 self._warned_gone = False
                 self.on_reload("success")

@@ -5,9 +5,6 @@ A pinned variant (`name=model@3`) loads that version once and never moves: neith
 publish nor a reload changes it; deleting its directory keeps it served from memory (warned
 once, as for any deleted bundle) until a restart, when the settings refuse the missing pin.
 Two variants with the same model and pin share one manager (an A/A test loads the bundle once).
-
-Note: FAISS's thread count is process-wide; with variants whose indexes differ in kind (flat
-and IVF), the last loaded sets it for both (FAISS_THREADS fixes it for all).
 """
 
 from __future__ import annotations

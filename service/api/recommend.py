@@ -12,7 +12,6 @@ from service.ab import AttributionUnavailable
 from service.deps import AppState, State, require_api_key, variant_model
 from service.history import StoreUnavailable
 from service.observability import request_id_var
-from service.recommender import Shaping
 from service.schemas import (
     ERROR_RESPONSES,
     InterestSummary,
@@ -58,14 +57,11 @@ async def recommend(body: RecommendRequest, state: State) -> RecommendResponse:
                         extra={"error": str(exc)})
     history = stored + (body.history or [])
     exclude = body.exclude + (history if body.exclude_seen else [])
-    shaping = Shaping(
-        merge_cosine=settings.interest_merge_cosine if settings.adaptive_interests else None,
-        min_name_confidence=settings.min_name_confidence)
     if state.batcher is None:  # BATCH_MAX_SIZE=1: computed alone, on the event loop
-        result = model.recommend(history, k, exclude, settings.per_interest_fanout, shaping)
+        result = model.recommend(history, k, exclude, settings.per_interest_fanout, state.shaping)
     else:  # shares one encoder run and one search with concurrent requests, off the loop
         result = await state.batcher.recommend(model, history, k, exclude,
-                                               settings.per_interest_fanout, shaping)
+                                               settings.per_interest_fanout, state.shaping)
 
     # The middleware's X-Request-ID, so that the body and the header agree.
     request_id = request_id_var.get() or uuid.uuid4().hex
