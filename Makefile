@@ -29,14 +29,14 @@ redis-server:
 	  echo "installing redis-server (Debian package) for the tests"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; }
 
-# The replica test (tests/test_replicas.py) puts two service processes behind Debian's HAProxy
+# The replica test (tests/system/test_replicas.py) puts two service processes behind Debian's HAProxy
 # (in /usr/sbin, which a non-root PATH may lack).
 haproxy:
 	@command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { \
 	  echo "installing haproxy (Debian package) for the tests"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy) >/dev/null; }
 
-# The web page's browser test (tests/service/test_ui.py) drives Debian's headless chromium.
+# The web page's browser test (tests/service/api/test_ui.py) drives Debian's headless chromium.
 chromium:
 	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
 	  echo "installing chromium and chromium-driver (Debian packages) for the tests"; \
@@ -45,10 +45,12 @@ chromium:
 # pytest's exit code 5 (no tests collected) fails the target, as any non-zero code does.
 test: install redis-server haproxy chromium
 	$(PY) -m ruff check trainer service tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check trainer service tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # Train on the embedded MovieLens and publish a bundle, unless one exists already.
 train: install

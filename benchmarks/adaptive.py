@@ -3,7 +3,7 @@ item supports, merging near-duplicates and sharing the list by support change Re
 
 Paired on the very same trained models, so training noise does not enter: each fold's
 checkpoint from benchmarks/folds.py, its test users ranked by the served rule (K lists merged
-by score) and by the adaptive rule at each merge cosine (service/retrieval.py, the code the
+by score) and by the adaptive rule at each merge cosine (service/serving/retrieval.py, the code the
 service runs). Prints the folds.py table (means, paired differences with bootstrap intervals,
 wins out of the folds) and a JSON summary with how many interests survive per user.
 
@@ -24,16 +24,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from folds import METRICS, compare, markdown  # noqa: E402
 
-from service.retrieval import (  # noqa: E402
+from service.serving.retrieval import (
     adapt_interests,
     interest_support,
     merge_by_share,
     merge_interest_results,
 )
-from trainer.cli import load_checkpoint  # noqa: E402
-from trainer.evaluate import encode_all, exact_search  # noqa: E402
-from trainer.metrics import per_user_metrics  # noqa: E402
-from trainer.train import encode_numpy  # noqa: E402
+from trainer.training.checkpoint import load_checkpoint
+from trainer.training.evaluate import encode_all, exact_search
+from trainer.training.loop import encode_numpy
+from trainer.training.metrics import per_user_metrics
 
 SERVED = "by-score"
 CUTOFF = 50

@@ -3,7 +3,7 @@ the embedded data and a synthetic catalogue of 1M items with structure, plus the
 sweep (benchmarks/index_sweep.py) that chooses the large bundle's operating point. Prints one
 JSON object.
 
-The large catalogue has planted topics (trainer/synthetic.py: TOPIC_SIZE items per topic,
+The large catalogue has planted topics (trainer/data/synthetic.py: TOPIC_SIZE items per topic,
 Zipf popularity inside a topic, so a long tail as in real catalogues) and is trained until
 its validation Recall@50 is well above MostPop's, so the index is measured on the interest
 vectors of a model that learnt something (items seen too rarely keep near-zero vectors and
@@ -47,14 +47,14 @@ import numpy as np
 import torch
 from index_sweep import FAMILIES, candidates, run_sweep, spec_from_point, write
 
-from service.bundle import load_bundle
+from service.bundle.load import load_bundle
 from trainer.config import TrainConfig
-from trainer.data import load_movielens_small
-from trainer.dataset import SequenceDataset, build_dataset
-from trainer.evaluate import encode_all, most_popular
+from trainer.data.dataset import SequenceDataset, build_dataset
+from trainer.data.loaders import load_movielens_small
+from trainer.data.synthetic import make_synthetic
 from trainer.export import IndexSpec, publish_bundle
-from trainer.synthetic import make_synthetic
-from trainer.train import encode_numpy, train
+from trainer.training.evaluate import encode_all, most_popular
+from trainer.training.loop import encode_numpy, train
 
 TOPIC_SIZE = 500  # items per planted topic: about 2,200 topics for 1M items
 MEAN_LENGTH = 40  # the synthetic users' sequences are 20..60 long

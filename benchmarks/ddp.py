@@ -1,5 +1,6 @@
 """One process vs data-parallel training (torchrun, gloo on CPU): paired quality per user and
-the loss / validation curves, on folds of the user-level 10-fold protocol (DESIGN 6).
+the loss / validation curves, on folds of the user-level 10-fold protocol
+(docs/architecture.md, "Evaluation protocol").
 
 For every fold it trains, one after the other (never side by side, so each has the machine):
 

@@ -1,4 +1,5 @@
-"""Compare models with user-level 10-fold cross-validation (DESIGN 6): paired per user.
+"""Compare models with user-level 10-fold cross-validation: paired per user
+(docs/architecture.md, "Evaluation protocol").
 
 Every variant is trained once per fold (`python -m trainer train --folds N --fold F`: test on
 fold F, validate on F + 1, train on the rest), two processes at a time on this machine; every

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bundle import load_bundle
-from service.recommender import Recommender
+from service.bundle.load import load_bundle
+from service.serving.recommender import Recommender
 
 
 def paired_floor_ms(named: Recommender, unnamed: Recommender, histories: list[list[str]],
@@ -63,8 +63,8 @@ def main() -> None:
               "load_average": {"before": load_before, "after": os.getloadavg()},
               "vocabulary": named.namer.names, "min_confidence": named.namer.min_confidence}
     # How often interests get a name, over the bundle's own test users (never trained on).
-    from trainer.cli import dataset_for
     from trainer.config import TrainConfig
+    from trainer.training.checkpoint import dataset_for
 
     manifest = named.bundle.manifest
     dataset = dataset_for(manifest.data_spec, TrainConfig.from_dict(manifest.config),

@@ -58,10 +58,11 @@ import httpx
 import numpy as np
 import redis
 
-from service.bundle import latest_version, load_bundle
-from service.models import search_threads
-from service.names import KeyLayout
-from service.recommender import Recommender
+from service.bundle.format import latest_version
+from service.bundle.load import load_bundle
+from service.serving.model_manager import search_threads
+from service.serving.recommender import Recommender
+from service.store.keys import KeyLayout
 
 
 def free_port() -> int:

@@ -8,7 +8,8 @@ events, each with a unique event_id). Meanwhile, at ~20%, ~40% and ~60% of the r
 at ~70%, ~80%, ~90% when --seconds >= 300) it:
 
     redis_restart   `redis-cli shutdown` (graceful), then the same redis-server again (AOF replay)
-    publish         service.bundle.republish() of the newest bundle; time until /readyz serves it
+    publish         republish() (service.bundle.format) of the newest bundle; time until /readyz
+                    serves it
     kill9_restart   SIGKILL the service, start it again; time until /readyz is 200
 
 At the end it reads the whole `recsys:events` stream back and checks that every event id the
@@ -46,8 +47,8 @@ import numpy as np
 import redis
 import redis.asyncio as aioredis
 
-from service.bundle import ITEMS, latest_version, republish
-from service.history import EVENT_STREAM
+from service.bundle.format import ITEMS, latest_version, republish
+from service.store.keys import EVENT_STREAM
 
 RECOMMEND, EVENTS = "/recommend", "/events"
 RECOMMEND_SHARE = 0.7
@@ -65,7 +66,7 @@ def log(message: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-# --- pure helpers (tests/test_soak_script.py) -------------------------------------------------
+# --- pure helpers (tests/benchmarks/test_soak_script.py) ---------------------------------------
 
 
 class Record(NamedTuple):

@@ -19,22 +19,22 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.ab import AttributionStore, InMemoryAttributionStore, RedisAttributionStore
+from service.ab.attribution import AttributionStore, InMemoryAttributionStore, RedisAttributionStore
 from service.api import events, ops, recommend, ui, users
-from service.batching import Batcher
 from service.deps import AppState
-from service.history import (
+from service.observability import Metrics, configure_logging, mark_worker_dead, request_id_var
+from service.schemas import is_request_id
+from service.serving.batching import Batcher
+from service.serving.recommender import Shaping
+from service.serving.variants import build_variants
+from service.settings import Settings, get_settings
+from service.store.history import (
     EventLogFull,
     HistoryStore,
     InMemoryHistoryStore,
     RedisHistoryStore,
     StoreUnavailable,
 )
-from service.observability import Metrics, configure_logging, mark_worker_dead, request_id_var
-from service.recommender import Shaping
-from service.schemas import is_request_id
-from service.settings import Settings, get_settings
-from service.variants import build_variants
 
 log = logging.getLogger("service.app")
 
@@ -50,7 +50,7 @@ def make_store(settings: Settings) -> HistoryStore:
 
 
 def make_attribution(settings: Settings, store: HistoryStore) -> AttributionStore:
-    """A/B attribution (service/ab.py) on the history store's Redis client when there is one:
+    """A/B attribution (service/ab/) on the history store's Redis client when there is one:
     no second connection pool; the history store closes it."""
     if isinstance(store, RedisHistoryStore):
         return RedisAttributionStore(store.client, settings.ab_experiment,

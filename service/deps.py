@@ -8,22 +8,22 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
-from service.ab import AttributionStore
-from service.batching import Batcher
-from service.history import HistoryStore
-from service.models import ModelManager
+from service.ab.attribution import AttributionStore
 from service.observability import Metrics
-from service.recommender import DEFAULT_SHAPING, Recommender, Shaping
+from service.serving.batching import Batcher
+from service.serving.model_manager import ModelManager
+from service.serving.recommender import DEFAULT_SHAPING, Recommender, Shaping
+from service.serving.variants import Variant, Variants
 from service.settings import Settings
-from service.variants import Variant, Variants
+from service.store.history import HistoryStore
 
 
 @dataclass
 class AppState:
     settings: Settings
     store: HistoryStore
-    variants: Variants  # the served models, one per A/B variant (service/variants.py)
-    attribution: AttributionStore  # which variant served which request (service/ab.py)
+    variants: Variants  # the served models, one per A/B variant (service/serving/variants.py)
+    attribution: AttributionStore  # which variant served which request (service/ab/)
     metrics: Metrics
     batcher: Batcher | None = None  # None: each request computed alone
     shaping: Shaping = DEFAULT_SHAPING  # how interests shape answers (from the settings)

@@ -9,31 +9,7 @@ from fastapi import Path
 from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 
-from service.history import MAX_TIMESTAMP
-
-MAX_ID_LENGTH = 256
-# One rule for every id, in bodies and in paths, stated in the OpenAPI schema as a pattern and
-# checked with it: kept as given (never stripped), no whitespace at either end, no control
-# characters (C0, DEL, C1). U+FEFF is listed because ECMA's \s (the schema's) has it and
-# Python's does not; otherwise the two agree.
-_CONTROL = r"\x00-\x1f\x7f-\x9f"
-ID_PATTERN = rf"^[^\s\ufeff{_CONTROL}](?:[^{_CONTROL}]*[^\s\ufeff{_CONTROL}])?$"
-_ID_RE = re.compile(ID_PATTERN)
-_CONTROL_RE = re.compile(f"[{_CONTROL}]")
-
-
-def check_id(value: str) -> str:
-    """The id rule, with a message that says which part failed."""
-    if not _ID_RE.match(value):
-        if _CONTROL_RE.search(value):
-            raise ValueError("must not contain control characters")
-        raise ValueError("must not start or end with whitespace")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate cannot be stored in Redis or sent as UTF-8
-        raise ValueError("must be valid Unicode (no lone surrogates)") from None
-    return value
-
+from service.store.events import ID_PATTERN, MAX_ID_LENGTH, MAX_TIMESTAMP, check_id
 
 # Ids are JSON strings (strict: 42 is refused, "42" is the id), 1..256 characters.
 Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH,

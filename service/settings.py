@@ -1,82 +1,127 @@
-"""Service settings: one source, the environment (or a .env file)."""
+"""Service settings: one source, the environment (or a .env file).
+
+Each setting is declared once, with its description; the README's settings table is rendered
+from these fields (`python -m service.settings --markdown`, checked by
+tests/service/test_settings.py). `StoreSettings` holds what the nightly job shares with the
+service (the model store and the event stream; trainer/jobs/nightly/options.py extends it).
+Imported by the multi-worker supervisor: keep it light (no numpy, faiss, onnxruntime).
+"""
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.ab import check_experiment, parse_variants
-from service.names import DEFAULT_MODEL_NAME, EVENT_STREAM, KeyLayout
+from service.ab.spec import check_experiment, parse_variants
+from service.bundle.format import DEFAULT_MODEL_NAME
+from service.store.keys import EVENT_STREAM, KeyLayout
 
 
-class Settings(BaseSettings):
+class StoreSettings(BaseSettings):
+    """The model store and the event stream: the service's and the nightly job's, by the same
+    environment variables."""
+
+    model_config = SettingsConfigDict(extra="ignore", protected_namespaces=())
+
+    models_dir: Path = Field(Path("models"), description="model store: bundles in "
+                             "`MODELS_DIR/<name>/<version>/`")
+    model_name: str = Field(DEFAULT_MODEL_NAME, description="model to serve (and the one the "
+                            "nightly job retrains and publishes)")
+    redis_url: str | None = Field(
+        None, description="unset: an in-process history store (one process only; histories die "
+        "with it); `redis+cluster://HOST:PORT` (any one node): Redis Cluster "
+        "([docs/scaling.md](docs/scaling.md#redis-cluster))")
+    event_stream: str = Field(EVENT_STREAM, description="Redis Stream of the events "
+                              "(`POST /events`) that the nightly job reads")
+    event_stream_shards: int | None = Field(
+        None, ge=1, le=1024, description="event stream shards, by user; unset: 1 on a single "
+        "Redis (the unsharded key names), 16 on Redis Cluster "
+        "([docs/scaling.md](docs/scaling.md#key-layout))")
+
+    @model_validator(mode="after")
+    def _key_layout_works(self) -> StoreSettings:
+        """Refuse a key layout Redis Cluster would refuse at the first event."""
+        if self.redis_url:
+            KeyLayout.for_url(self.redis_url, self.event_stream, self.event_stream_shards)
+        return self
+
+
+class Settings(StoreSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
 
-    models_dir: Path = Path("models")
-    model_name: str = DEFAULT_MODEL_NAME
-    # Unset: an in-process history store (single process only; histories die with it).
-    # `redis+cluster://HOST:PORT` (any one node): Redis Cluster (docs/scaling.md).
-    redis_url: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    # Worker processes of `python -m service` (uvicorn's multi-worker mode). More than one
-    # needs REDIS_URL: an in-process history store would split histories across workers.
-    workers: int = Field(1, ge=1, le=64, description="worker processes")
-    mmap_bundle: bool = Field(True, description="memory-map the bundle's large files, shared "
-                                                "by all workers (service/bundle.py)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, description="port to listen on")
+    workers: int = Field(1, ge=1, le=64, description="worker processes of `python -m service` "
+                         "(uvicorn's multi-worker mode); more than 1 needs `REDIS_URL` (an "
+                         "in-process history store would split histories across workers)")
+    mmap_bundle: bool = Field(True, description="memory-map the bundle's large files, one copy "
+                              "shared by all workers (service/bundle/)")
 
     history_max_len: int = Field(200, ge=1, description="items kept per user")
-    history_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, description="idle users expire")
-    event_stream: str = EVENT_STREAM
+    history_ttl_seconds: int = Field(30 * 24 * 3600, ge=1, description="idle users' histories "
+                                     "expire after this (2592000: 30 days)")
     event_stream_max_len: int = Field(
-        1_000_000, ge=1, description="unconsumed events the stream may hold; then /events "
-                                     "answers 503 (nothing is trimmed unread)")
-    event_dedup_ttl_seconds: int = Field(7 * 24 * 3600, ge=1)
-    event_stream_shards: int | None = Field(
-        None, ge=1, le=1024, description="event stream shards, by user (docs/scaling.md); "
-                                         "unset: 1 on a single Redis, 16 on Redis Cluster")
+        1_000_000, ge=1, description="with Redis: unconsumed events the stream may hold "
+        "(shared evenly by the shards), then `POST /events` answers 503 (nothing is trimmed "
+        "unread); the in-process store keeps this many latest events")
+    event_dedup_ttl_seconds: int = Field(7 * 24 * 3600, ge=1, description="how long an "
+                                         "`event_id` is remembered (604800: 7 days)")
 
-    default_k: int = Field(20, ge=1)
-    max_k: int = Field(200, ge=1)
-    per_interest_fanout: int = Field(50, ge=1, description="candidates per interest (min)")
-    max_request_history: int = Field(1000, ge=1, description="history items one request may send")
-    max_events_per_request: int = Field(1000, ge=1)
-    max_body_bytes: int = Field(1 << 20, ge=1024)
+    default_k: int = Field(20, ge=1, description="`k` when a request has none")
+    max_k: int = Field(200, ge=1, description="largest `k` (above: 422)")
+    per_interest_fanout: int = Field(50, ge=1, description="candidates searched per interest "
+                                     "(at least `k` + the excluded items)")
+    max_request_history: int = Field(1000, ge=1, description="history items one `/recommend` "
+                                     "request may send (above: 422)")
+    max_events_per_request: int = Field(1000, ge=1, description="events one `POST /events` "
+                                        "request may send (above: 422)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
 
-    api_key: str | None = None
-    reload_interval_seconds: float = Field(5.0, gt=0)
-    onnx_threads: int = Field(1, ge=1)
-    faiss_threads: int = Field(0, ge=0, description="0 = auto (service/models.py)")
-    # Micro-batching of /recommend across requests (service/batching.py); 1 = off, each
-    # request computed alone on the event loop as before.
-    batch_max_size: int = Field(64, ge=1, le=4096, description="requests per ONNX run / FAISS "
-                                                               "search; 1 = no batching")
+    api_key: str | None = Field(None, description="unset: open; set: the data routes need it "
+                                "as `X-API-Key` or `Authorization: Bearer`")
+    reload_interval_seconds: float = Field(5.0, gt=0, description="how often each worker looks "
+                                           "for a new model version")
+    onnx_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per "
+                              "model")
+    faiss_threads: int = Field(0, ge=0, description="FAISS search threads; 0 = auto: 1 for an "
+                               "exact index, this worker's share of the cores (cores / "
+                               "`WORKERS`) for ANN indexes (HNSW, IVF, IVF-PQ) "
+                               "(service/serving/model_manager.py)")
+    # Micro-batching of /recommend across requests (service/serving/batching.py).
+    batch_max_size: int = Field(64, ge=1, le=4096, description="`/recommend` micro-batching: "
+                                "most requests per ONNX run / FAISS search; 1 = no batching, "
+                                "each request computed alone on the event loop")
     batch_window_ms: float = Field(1.0, ge=0, le=1000, description="how long a batch of "
                                    "concurrent requests is held open for more (a lone request "
                                    "is never held)")
-    # Interests in the answer (service/recommender.py Shaping): adaptive interests drop the
-    # ones no history item supports, merge near-duplicates and share the list by support.
-    adaptive_interests: bool = Field(False, description="drop/merge interests per user and "
-                                     "share the list by support (docs/results.md: off by "
-                                     "default, the 10-fold comparison)")
+    # Interests in the answer (service/serving/recommender.py Shaping).
+    adaptive_interests: bool = Field(False, description="drop interests no history item "
+                                     "supports, merge near-duplicates, share the list by "
+                                     "support ([named and adaptive interests]"
+                                     "(#named-and-adaptive-interests); off by default: no "
+                                     "better in the 10-fold comparison, "
+                                     "[docs/results.md](docs/results.md))")
     interest_merge_cosine: float = Field(0.9, gt=0, le=1, description="adaptive interests: "
                                          "cosine at which two interests merge")
     min_name_confidence: float | None = Field(None, ge=-1, le=1, description="name an interest "
                                               "only at this confidence; unset: the bundle's "
                                               "calibrated threshold")
-    # A/B tests (service/ab.py, README "A/B tests"). Unset: one variant, `default`, serving
-    # MODEL_NAME, and nothing recorded.
+    # A/B tests (service/ab/).
     ab_variants: str | None = Field(
-        None, description="name=model[@version][:share],...; the first is the control")
+        None, description="A/B test: `name=model[@version][:share],...`, the first is the "
+        "control ([A/B tests](#ab-tests)); unset: one variant, `default`, serving "
+        "`MODEL_NAME`, and nothing recorded")
     ab_experiment: str = Field("ab", description="salts the user -> variant hash and names the "
                                                  "counters: a new one reshuffles users")
     ab_attribution_ttl_seconds: int = Field(
-        24 * 3600, ge=60, description="how long an answer's request id can earn events")
-    log_level: str = "INFO"
-
+        24 * 3600, ge=60, description="how long an answer's request id can earn events "
+        "(86400: 1 day)")
+    log_level: str = Field("INFO", description="log level (DEBUG, INFO, WARNING, ...)")
 
     @model_validator(mode="after")
     def _workers_need_redis(self) -> Settings:
@@ -91,20 +136,38 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _ab_test_is_valid(self) -> Settings:
-        """Refuse A/B settings that cannot be served as meant (service/ab.py says why)."""
+        """Refuse A/B settings that cannot be served as meant (service/ab/ says why)."""
         check_experiment(self.ab_experiment)
         if self.ab_variants is not None:
             parse_variants(self.ab_variants, self.models_dir)
-        return self
-
-    @model_validator(mode="after")
-    def _key_layout_works(self) -> Settings:
-        """Refuse a key layout Redis Cluster would refuse at the first event."""
-        if self.redis_url:
-            KeyLayout.for_url(self.redis_url, self.event_stream, self.event_stream_shards)
         return self
 
 
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def markdown_default(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`"
+
+
+def settings_table(settings: type[BaseSettings] = Settings) -> str:
+    """The settings as a markdown table (README.md, "Operations"): one row per field, its
+    environment variable, default and description."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, info in settings.model_fields.items():
+        rows.append(f"| `{name.upper()}` | {markdown_default(info.default)} | "
+                    f"{info.description} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m service.settings --markdown  (prints README.md's settings "
+                 "table)")
+    sys.stdout.write(settings_table())

@@ -7,8 +7,8 @@ import pytest
 from pytest_redis import factories
 
 from trainer.config import TrainConfig
-from trainer.dataset import build_dataset
-from trainer.synthetic import make_synthetic
+from trainer.data.dataset import build_dataset
+from trainer.data.synthetic import make_synthetic
 
 # A real, throwaway Redis server per session (Debian's redis-server via pytest-redis), never
 # the machine's shared one; `redisdb` flushes it after each test.
@@ -32,7 +32,7 @@ def tiny_dataset():
 
 @pytest.fixture(scope="session")
 def tiny_trained(tiny_dataset):
-    from trainer.train import train
+    from trainer.training.loop import train
 
     cfg = TrainConfig(max_epochs=2, eval_every=10, dim=16, seed=0)
     return cfg, train(tiny_dataset, cfg, progress=False)
@@ -42,7 +42,7 @@ def tiny_trained(tiny_dataset):
 def tiny_bundle(tiny_dataset, tiny_trained, tmp_path_factory) -> Path:
     """A published bundle of the tiny model in a fresh model store (read-only for tests)."""
     from trainer.export import publish_bundle
-    from trainer.train import evaluate_model
+    from trainer.training.loop import evaluate_model
 
     cfg, result = tiny_trained
     test = evaluate_model(result.model, tiny_dataset.eval_split("test", cfg.maxlen))
@@ -63,6 +63,6 @@ def models_dir(tiny_bundle, tmp_path):
 def sentence_encoder():
     """MiniLM, loaded once for the ESIM and crowd tests (imported here lazily: transformers
     is slow to import and most tests do not need it)."""
-    from trainer.esim import SentenceEncoder
+    from trainer.semantics.text_encoder import SentenceEncoder
 
     return SentenceEncoder()

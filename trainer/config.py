@@ -1,68 +1,149 @@
-"""Training configuration: one dataclass, defaults from the official ComiRec code."""
+"""Training configuration: one dataclass, defaults from the official ComiRec code.
+
+Each setting is declared once, here: its type (a `Literal` gives the choices), its default,
+and in its metadata the help text and, for the trainer CLI, the flag (`--` + the name with
+dashes unless `flag=` says otherwise), its argument group, or that it is not on the command
+line. `python -m trainer train` derives its flags from these fields (trainer/cli.py).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
-BACKBONES = ("comirec-sa", "comirec-dr", "mind", "sasrec", "transformer-sa")
-SINGLE_INTEREST_BACKBONES = ("sasrec",)  # K is 1 whatever --interests says
-LOSSES = ("auto", "full", "sampled")
-INTEREST_LOSSES = ("max", "argmax")  # how K interests score an item in training (nets.py)
+Backbone = Literal["comirec-sa", "comirec-dr", "mind", "sasrec", "transformer-sa"]
+Loss = Literal["auto", "full", "sampled"]
+InterestLoss = Literal["max", "argmax"]  # how K interests score an item in training
 # "oracle" is not an LLM: the true planted topics of synthetic data (an upper bound).
-LLM_BACKENDS = ("local", "openai", "metadata", "oracle")
-MATCHING_RULES = ("attention", "similarity")
-ESIM_LEVELS = ("individual", "crowd", "dual")  # DESIGN 5.7
+LLMBackend = Literal["local", "openai", "metadata", "oracle"]
+MatchingRule = Literal["attention", "similarity"]
+# docs/architecture.md, "ESIM levels"
+EsimLevel = Literal["individual", "crowd", "dual"]
 
-# Below this many items a full softmax over the catalogue is cheap and strong (DESIGN 4);
-# above it the sampled softmax with logQ correction is used when loss == "auto".
+BACKBONES: tuple[str, ...] = get_args(Backbone)
+SINGLE_INTEREST_BACKBONES = ("sasrec",)  # K is 1 whatever --interests says
+LOSSES: tuple[str, ...] = get_args(Loss)
+INTEREST_LOSSES: tuple[str, ...] = get_args(InterestLoss)
+LLM_BACKENDS: tuple[str, ...] = get_args(LLMBackend)
+MATCHING_RULES: tuple[str, ...] = get_args(MatchingRule)
+ESIM_LEVELS: tuple[str, ...] = get_args(EsimLevel)
+
+# Below this many items a full softmax over the catalogue is cheap and strong
+# (docs/architecture.md, "Encoders and losses"); above it the sampled softmax with logQ
+# correction is used when loss == "auto".
 FULL_SOFTMAX_MAX_ITEMS = 100_000
+
+# Field metadata keys (read by trainer/cli.py).
+HELP = "help"
+FLAG = "flag"  # the CLI flag when it is not `--` + the field name with dashes
+GROUP = "group"  # the CLI argument group's title
+NOT_ON_CLI = "not_on_cli"  # True: no flag (the default, or a stored config, is used)
+
+ESIM_GROUP = "ESIM (LLM-named interests of typical users, training only)"
+
+
+def setting(default: Any, help: str, *, flag: str | None = None, group: str | None = None,
+            cli: bool = True) -> Any:
+    """A TrainConfig field with its help text and, for the CLI, its flag and group."""
+    metadata: dict[str, Any] = {HELP: help}
+    if flag is not None:
+        metadata[FLAG] = flag
+    if group is not None:
+        metadata[GROUP] = group
+    if not cli:
+        metadata[NOT_ON_CLI] = True
+    return field(default=default, metadata=metadata)
+
+
+def esim_setting(default: Any, help: str, **kwargs: Any) -> Any:
+    return setting(default, help, group=ESIM_GROUP, **kwargs)
+
+
+def check_registry(what: str, registry: Iterable[str], choices: Iterable[str]) -> None:
+    """Raise unless `registry` (implementations keyed by name) has exactly the configured
+    `choices`: called at import, so a choice without an implementation, or the reverse,
+    fails at once rather than when a run asks for it."""
+    keys, names = list(registry), list(choices)
+    missing = [name for name in names if name not in keys]
+    unknown = [key for key in keys if key not in names]
+    if missing or unknown:
+        raise RuntimeError(f"{what}: the choices in trainer/config.py and the implementations "
+                           f"differ (no implementation: {missing}; not a choice: {unknown})")
 
 
 @dataclass
 class TrainConfig:
-    backbone: str = "transformer-sa"  # docs/results.md: beats SASRec and ComiRec-SA
-    interests: int = 4  # K
-    dim: int = 64  # d
-    maxlen: int = 20
-    lr: float = 5e-3  # ComiRec uses 1e-3; 5e-3 wins on validation here (README)
-    batch_size: int = 128
-    loss: str = "auto"
-    interest_loss: str = "max"
-    item_text: bool = False  # item vectors also see the items' texts (trainer/item_text.py)
-    negatives_per_example: int = 10  # shared negatives = this x batch size (ComiRec)
-    max_epochs: int = 40
-    # Validation runs every `eval_every` optimiser steps (0: three times an epoch); early
-    # stopping counts evaluations.
-    eval_every: int = 0
-    patience: int = 15
-    max_minutes: float = 30.0  # hard wall-clock cap, in case a user's data is large
-    seed: int = 0
-    split_seed: int = 0  # users' train/valid/test split; fixed across training seeds
-    folds: int = 0  # 0: 80/10/10 split; N: user-level N-fold cross-validation (DESIGN 6)
-    fold: int = 0  # with folds: test on this fold, validate on the next
-    min_item_count: int = 5
-    min_user_count: int = 5
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
-    # ESIM (DESIGN 5): training only, the exported encoder is the same network.
-    esim: bool = False
-    llm: str = "local"  # who names the typical users' interests
-    esim_warmup_epochs: float = 1.0  # IBIM alone before the typical users are chosen
-    esim_clusters: int = 8  # C
-    esim_users_per_cluster: int = 2  # m; LLM budget = C x m unless esim_llm_budget is set
-    esim_llm_budget: int | None = None
-    esim_labels: int = 16  # size of the interest vocabulary (L_pred's label count)
-    esim_alpha: float = 0.1  # weight of L_pred
-    esim_beta: float = 0.1  # weight of L_align
-    esim_tau: float = 0.1  # InfoNCE temperature
-    esim_matching: str = "attention"  # semantic -> behavioural interest matching rule
-    # typical users (individual), synthesized users of crowds (crowd), or both (dual)
-    esim_level: str = "individual"
-    esim_crowds: int = 16  # crowds of similar training users; one LLM call each
-    esim_crowd_items: int = 20  # prompt budget L of a synthesized user (max-cover)
-    esim_merge_threshold: float = 0.85  # cosine at which a crowd's interests are merged
-    esim_batch_users: int = 64  # supervised users in the ESIM losses per training step
-    extra: dict[str, Any] = field(default_factory=dict)
+    # docs/results.md: transformer-sa beats SASRec and ComiRec-SA
+    backbone: Backbone = setting("transformer-sa", "the IBIM encoder network")
+    interests: int = setting(4, "K: interests per user (1 for sasrec)")
+    dim: int = setting(64, "d: embedding size")
+    maxlen: int = setting(20, "history items the encoder sees (the most recent)")
+    # ComiRec uses 1e-3; 5e-3 wins on validation here (README)
+    lr: float = setting(5e-3, "learning rate (Adam)")
+    batch_size: int = setting(128, "training examples per step")
+    loss: Loss = setting("auto", f"auto: a full softmax up to {FULL_SOFTMAX_MAX_ITEMS} items, a "
+                                 "sampled softmax with logQ correction above")
+    interest_loss: InterestLoss = setting(
+        "max", "how the K interests score an item in training: max = the best interest's "
+               "score, as retrieval merges (default); argmax = ComiRec's readout of the "
+               "interest closest to the target")
+    item_text: bool = setting(
+        False, "item vectors also see the items' titles and categories (MiniLM features, "
+               "projected; folded into the item table at export; "
+               "trainer/semantics/item_text.py)")
+    negatives_per_example: int = setting(
+        10, "shared sampled negatives = this x batch size (ComiRec)", cli=False)
+    max_epochs: int = setting(40, "maximum epochs", flag="--epochs")
+    # Early stopping counts evaluations.
+    eval_every: int = setting(0, "validate every this many optimiser steps (0: three times "
+                                 "an epoch)")
+    patience: int = setting(15, "early stopping: evaluations without a better validation "
+                                "score")
+    # hard wall-clock cap, in case a user's data is large
+    max_minutes: float = setting(30.0, "wall-clock cap on training, in minutes")
+    seed: int = setting(0, "training seed")
+    split_seed: int = setting(0, "seed of the users' train/valid/test split; fixed across "
+                                 "training seeds")
+    # docs/architecture.md, "Evaluation protocol"
+    folds: int = setting(0, "user-level cross-validation: N folds (0: the 80/10/10 split)")
+    fold: int = setting(0, "with --folds: test on this fold, validate on the next (0..N-1)")
+    min_item_count: int = setting(5, "items with fewer interactions are dropped", cli=False)
+    min_user_count: int = setting(5, "users with fewer interactions (after the items' "
+                                     "filter) are dropped", cli=False)
+    threads: int = setting(0, "torch intra-op threads (0: torch's default)")
+    # ESIM (docs/architecture.md, "ESIM: semantics in training"): training only, the exported
+    # encoder is the same network.
+    esim: bool = esim_setting(False, "add the ESIM losses after a warm-up")
+    llm: LLMBackend = esim_setting(
+        "local", "who names the interests: local SmolLM2 (default), an OpenAI-compatible "
+                 "endpoint (LLM_BASE_URL, LLM_MODEL, LLM_API_KEY), item categories "
+                 "(metadata, no LLM), or ORACLE: the true planted topics of synthetic "
+                 "data (an upper bound, no LLM)")
+    esim_warmup_epochs: float = esim_setting(1.0, "epochs of IBIM alone before the typical "
+                                                  "users are chosen")
+    esim_clusters: int = esim_setting(8, "C: k-means clusters of training users")
+    esim_users_per_cluster: int = esim_setting(2, "m: typical users (nearest the centroid) "
+                                                     "per cluster")
+    esim_llm_budget: int | None = esim_setting(
+        None, "at most this many LLM-labelled users (default clusters x users-per-cluster)",
+        flag="--llm-budget")
+    esim_labels: int = esim_setting(16, "interest vocabulary size (L_pred's label count)")
+    esim_alpha: float = esim_setting(0.1, "L_pred weight")
+    esim_beta: float = esim_setting(0.1, "L_align weight")
+    esim_tau: float = esim_setting(0.1, "InfoNCE temperature")
+    esim_matching: MatchingRule = esim_setting(
+        "attention", "semantic -> behavioural interest matching rule")
+    esim_level: EsimLevel = esim_setting(
+        "individual", "who is supervised: typical users (individual), every member of crowds "
+                      "of similar users through one synthesized user per crowd (crowd), both")
+    esim_crowds: int = esim_setting(16, "crowds (one labeller call each) at the crowd level")
+    esim_crowd_items: int = esim_setting(20, "items of a synthesized user (max-cover prompt "
+                                             "budget)")
+    esim_merge_threshold: float = esim_setting(
+        0.85, "cosine at which a crowd's interests count as one and are merged")
+    esim_batch_users: int = esim_setting(64, "supervised users in the ESIM losses per "
+                                             "training step")
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:

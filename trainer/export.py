@@ -18,12 +18,23 @@ import onnxruntime as ort
 import torch
 from tqdm.auto import tqdm
 
-from service import bundle as fmt
+from service.bundle.format import (
+    ENCODER,
+    ENCODER_INPUT,
+    ENCODER_OUTPUT,
+    INDEX,
+    ITEM_EMBEDDINGS,
+    ITEMS,
+    POPULARITY,
+    publish,
+    write_items,
+)
+from service.bundle.naming_files import NamingTables, write_naming
 from trainer.config import TrainConfig
-from trainer.dataset import SequenceDataset
-from trainer.evaluate import encode_all
-from trainer.nets import MultiInterestEncoder
-from trainer.train import encode_numpy
+from trainer.data.dataset import SequenceDataset
+from trainer.encoders.base import MultiInterestEncoder
+from trainer.training.evaluate import encode_all
+from trainer.training.loop import encode_numpy
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +42,10 @@ PARITY_TOLERANCE = 1e-4
 EXACT_MAX_ITEMS = 100_000  # exact search up to here; LARGE_CATALOGUE_KIND above (auto)
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 # auto above EXACT_MAX_ITEMS, chosen by benchmarks/index_sweep.py on trained item and
-# interest vectors (ComiRec-SA on synthetic topics; benchmarks/results/index-small): at 50k /
-# 200k items HNSW32 reached recall@50 0.975 / 0.967 at efSearch 50 in 0.19 / 0.27 ms per
-# request (1 thread), where the fastest IVF-Flat at >= 0.95 took 0.25 / 1.09 ms, and IVF-PQ
-# fast-scan + exact re-ranking 0.30 ms / did not reach 0.95 by nprobe 256. An inner-product
-# top 50 is spread over many of IVF's L2 clusters (popular items have large norms), so IVF
-# scans a share of the catalogue that grows with it. HNSW memory-maps like IVF; it builds
-# slower (200k items, one thread: 18 s, IVF 0.5-5 s).
+# interest vectors: HNSW32 was the fastest family to reach recall@50 0.95 (figures in
+# docs/results.md, "The index sweep (recall vs latency)"). An inner-product top 50 is spread
+# over many of IVF's L2 clusters (popular items have large norms), so IVF scans a share of
+# the catalogue that grows with it. HNSW memory-maps like IVF; it builds slower.
 LARGE_CATALOGUE_KIND = "hnsw"
 IVF_LISTS_PER_SQRT_N = 4  # nlist = 4 sqrt(n): 4,000 lists for 1M items
 LATENCY_REQUESTS = 200  # single-request searches timed at export
@@ -61,9 +69,9 @@ def export_onnx(model: MultiInterestEncoder, path: Path) -> None:
         # handles these small graphs exactly; the parity check below guards the result.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example,), str(path), input_names=[fmt.ENCODER_INPUT],
-            output_names=[fmt.ENCODER_OUTPUT], opset_version=17, dynamo=False,
-            dynamic_axes={fmt.ENCODER_INPUT: {0: "batch"}, fmt.ENCODER_OUTPUT: {0: "batch"}},
+            model, (example,), str(path), input_names=[ENCODER_INPUT],
+            output_names=[ENCODER_OUTPUT], opset_version=17, dynamo=False,
+            dynamic_axes={ENCODER_INPUT: {0: "batch"}, ENCODER_OUTPUT: {0: "batch"}},
         )
 
 
@@ -85,7 +93,7 @@ def check_parity(model: MultiInterestEncoder, onnx_path: Path, batches: list[np.
     encode = encode_numpy(model)
     worst = 0.0
     for batch in batches:
-        got = session.run([fmt.ENCODER_OUTPUT], {fmt.ENCODER_INPUT: batch})[0]
+        got = session.run([ENCODER_OUTPUT], {ENCODER_INPUT: batch})[0]
         want = encode(batch)
         if got.shape != want.shape:
             raise ExportError(f"{onnx_path}: output shape {got.shape} != PyTorch {want.shape}")
@@ -277,7 +285,7 @@ def publish_bundle(
     index_kind: str | IndexSpec = "auto",
     progress: bool = True,
     extra: dict[str, Any] | None = None,
-    naming: fmt.NamingTables | None = None,
+    naming: NamingTables | None = None,
 ) -> Path:
     """Export, check and publish; returns models_dir/name/<version>. `naming` (from ESIM)
     ships the interest vocabulary and projection so the service can name interests."""
@@ -301,21 +309,21 @@ def publish_bundle(
         # Also fills in what is measured on the way (parity, index); publish() writes the
         # manifest only after this returns.
         started = time.perf_counter()
-        export_onnx(model, staging / fmt.ENCODER)
-        parity = check_parity(model, staging / fmt.ENCODER, parity_inputs(model, real))
+        export_onnx(model, staging / ENCODER)
+        parity = check_parity(model, staging / ENCODER, parity_inputs(model, real))
         export_seconds = time.perf_counter() - started
         index, manifest["index"] = build_index(vectors, queries, index_kind, progress=progress,
                                                 request_rows=cfg.interests)
-        faiss.write_index(index, str(staging / fmt.INDEX))
-        np.save(staging / fmt.ITEM_EMBEDDINGS, vectors)
-        np.save(staging / fmt.POPULARITY, dataset.popularity()[1:])
-        fmt.write_items(staging / fmt.ITEMS, dataset.item_ids[1:].tolist(),
+        faiss.write_index(index, str(staging / INDEX))
+        np.save(staging / ITEM_EMBEDDINGS, vectors)
+        np.save(staging / POPULARITY, dataset.popularity()[1:])
+        write_items(staging / ITEMS, dataset.item_ids[1:].tolist(),
                         dataset.titles[1:].tolist())
         if naming is not None:
-            fmt.write_naming(staging, naming)
+            write_naming(staging, naming)
         manifest["extra"].update(parity_max_abs_diff=parity, export_seconds=export_seconds)
 
-    path = fmt.publish(models_dir, name, write_files, manifest)
+    path = publish(models_dir, name, write_files, manifest)
     log.info("published %s (parity %.1e, index %s recall@50 %.4f)", path,
              manifest["extra"]["parity_max_abs_diff"], manifest["index"]["factory"],
              manifest["index"]["recall_at_50"])

@@ -8,9 +8,8 @@ import time
 from fastapi import APIRouter, Depends
 from starlette.convertors import PathConvertor, register_url_convertor
 
-from service.ab import AttributionUnavailable, Claim
+from service.ab.attribution import AttributionUnavailable, Claim
 from service.deps import AppState, State, require_api_key
-from service.history import Event, new_event_id
 from service.schemas import (
     ERROR_RESPONSES,
     DeleteResponse,
@@ -21,6 +20,7 @@ from service.schemas import (
     UserIdPath,
     invalid,
 )
+from service.store.events import Event, new_event_id
 
 
 class AnyIdConvertor(PathConvertor):

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Depends, HTTPException, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.ab import AttributionUnavailable, wilson_interval
+from service.ab.attribution import AttributionUnavailable, wilson_interval
 from service.deps import ServedModel, State, require_api_key
 from service.schemas import ERROR_RESPONSES, ABReport, VariantReport
-from service.variants import Variant
+from service.serving.variants import Variant
 
 router = APIRouter(tags=["ops"])
 

@@ -8,9 +8,8 @@ import uuid
 
 from fastapi import APIRouter, Depends
 
-from service.ab import AttributionUnavailable
+from service.ab.attribution import AttributionUnavailable
 from service.deps import AppState, State, require_api_key, variant_model
-from service.history import StoreUnavailable
 from service.observability import request_id_var
 from service.schemas import (
     ERROR_RESPONSES,
@@ -20,6 +19,7 @@ from service.schemas import (
     RecommendResponse,
     invalid,
 )
+from service.store.history import StoreUnavailable
 
 router = APIRouter(tags=["recommend"], dependencies=[Depends(require_api_key)],
                    responses=ERROR_RESPONSES)
@@ -28,7 +28,7 @@ log = logging.getLogger("service.recommend")
 
 @router.post("/recommend", response_model=RecommendResponse)
 async def recommend(body: RecommendRequest, state: State) -> RecommendResponse:
-    """The variant is the user's (service/ab.py: a stable hash of the user id); the answer
+    """The variant is the user's (service/ab/: a stable hash of the user id); the answer
     says which, and its request_id lets events be credited to it."""
     started = time.perf_counter()
     settings, metrics = state.settings, state.metrics

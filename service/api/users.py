@@ -8,8 +8,8 @@ from pydantic import BaseModel, Field
 
 from service.api import events  # noqa: F401 (registers the {x:anyid} path convertor)
 from service.deps import State, require_api_key
-from service.recommender import Recommender
 from service.schemas import ERROR_RESPONSES, UserIdPath
+from service.serving.recommender import Recommender
 
 router = APIRouter(tags=["events"], dependencies=[Depends(require_api_key)],
                    responses=ERROR_RESPONSES)

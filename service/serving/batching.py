@@ -1,4 +1,5 @@
-"""Micro-batching of /recommend across requests (DESIGN 9), as Triton's dynamic batcher does.
+"""Micro-batching of /recommend across requests, as Triton's dynamic batcher does
+(docs/architecture.md, "Serving performance and scale-out").
 
 A request is prepared alone on the event loop (ids mapped, exclusions, k: its own errors stay
 its own). Requests queued together then share one ONNX run (rows stacked into [B, maxlen]) and
@@ -33,7 +34,7 @@ from typing import TypeVar
 import numpy as np
 
 from service.observability import Metrics
-from service.recommender import DEFAULT_SHAPING, Query, Recommendation, Recommender, Shaping
+from service.serving.recommender import DEFAULT_SHAPING, Query, Recommendation, Recommender, Shaping
 
 log = logging.getLogger("service.batching")
 

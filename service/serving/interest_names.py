@@ -1,7 +1,7 @@
-"""Naming behavioural interests online, without an LLM (DESIGN 5.8).
+"""Naming behavioural interests online, without an LLM (docs/architecture.md, "Named interests").
 
 A bundle trained with ESIM ships its interest vocabulary (label names and MiniLM vectors) and
-ESIM's projection g (service/bundle.py, `NamingTables`). Interest v is named by the label whose
+ESIM's projection g (service/bundle/, `NamingTables`). Interest v is named by the label whose
 vector is nearest g(v) (cosine); the cosine is the confidence. Below the bundle's calibrated
 threshold (or the MIN_NAME_CONFIDENCE setting) the interest stays unnamed: no name rather than
 a wrong one. A few small matrix products per request (K x d x 384).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.bundle import NamingTables
+from service.bundle.naming_files import NamingTables
 
 
 class InterestNamer:

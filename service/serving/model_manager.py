@@ -13,8 +13,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from service.bundle import MANIFEST, BundleError, complete_versions, load_bundle
-from service.recommender import Recommender
+from service.bundle.format import MANIFEST, BundleError, complete_versions
+from service.bundle.load import load_bundle
+from service.serving.recommender import Recommender
 
 log = logging.getLogger("service.models")
 
@@ -22,8 +23,9 @@ log = logging.getLogger("service.models")
 def search_threads(setting: int, model: Recommender, workers: int = 1) -> int:
     """FAISS threads: the setting, or (0 = auto) 1 for an exact index, where a search is a
     fraction of a millisecond and threads only add jitter, and this worker's share of the cores
-    for ANN indexes (1M items, one request's search: IVF 6.1 ms with 1 thread, 3.8 ms with 2;
-    HNSW32 1.8 ms, 1.1 ms). Per worker, so that N workers do not run N x cores threads."""
+    for ANN indexes, where a second thread makes one request's search markedly faster
+    (docs/results.md, "Service load benchmark": FAISS threads). Per worker, so that N workers
+    do not run N x cores threads."""
     if setting:
         return setting
     if model.bundle.manifest.index.kind == "flat":
@@ -78,7 +80,7 @@ class ModelManager:
             raise BundleError(
                 f"{bundle.path}: the directory is version {version} but its manifest says "
                 f"version {bundle.manifest.version}; publish with the trainer (or "
-                f"service.bundle.republish) or roll back by deleting newer versions")
+                f"service.bundle.format.republish) or roll back by deleting newer versions")
         model = Recommender(bundle)
         model.search_threads = search_threads(self.faiss_threads, model, self.workers)
         return model

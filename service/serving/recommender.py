@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from service.bundle import Bundle
-from service.naming import InterestNamer
-from service.retrieval import (
+from service.bundle.load import Bundle
+from service.serving.interest_names import InterestNamer
+from service.serving.retrieval import (
     adapt_interests,
     interest_support,
     merge_by_share,
@@ -24,7 +24,7 @@ class Shaping:
     """How interests shape an answer (from the settings; the same for every request)."""
 
     # Adaptive interests: drop unsupported ones, merge those within this cosine, give each a
-    # share of the list by its support (service.retrieval.adapt_interests). None: off, the
+    # share of the list by its support (service.serving.retrieval.adapt_interests). None: off, the
     # K lists merged by score (what the model is trained and evaluated for).
     merge_cosine: float | None = None
     # Override of the bundle's calibrated naming threshold; None: the bundle's.

@@ -47,9 +47,10 @@ def interest_support(interests: np.ndarray, history_vectors: np.ndarray) -> np.n
 
 def adapt_interests(interests: np.ndarray, support: np.ndarray, merge_cosine: float
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Adaptive interests at serving (DESIGN 5.7's granularity, applied per user): an interest
-    no history item supports is dropped, and one whose direction is within `merge_cosine` of a
-    better-supported kept interest is merged into it (its support joins the kept one's).
+    """Adaptive interests at serving (the adaptive granularity of docs/architecture.md,
+    "ESIM levels", applied per user): an interest no history item supports is dropped, and
+    one whose direction is within `merge_cosine` of a better-supported kept interest is
+    merged into it (its support joins the kept one's).
 
     Returns (weights [K]: share of the list per kept interest, 0 for dropped/merged ones;
     merged_into [K]: the kept interest each one went to, itself if kept, -1 if dropped).

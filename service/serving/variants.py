@@ -1,4 +1,4 @@
-"""The served variants of an A/B test (service/ab.py): one ModelManager per distinct
+"""The served variants of an A/B test (service/ab/): one ModelManager per distinct
 (model, pinned version), each loading, hot-reloading and rolling back on its own.
 
 A pinned variant (`name=model@3`) loads that version once and never moves: neither a newer
@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.ab import DEFAULT_VARIANT, Assigner, VariantSpec, parse_variants
-from service.bundle import MANIFEST
-from service.models import ModelManager
+from service.ab.assign import Assigner
+from service.ab.spec import DEFAULT_VARIANT, VariantSpec, parse_variants
+from service.bundle.format import MANIFEST
+from service.serving.model_manager import ModelManager
 from service.settings import Settings
 
 log = logging.getLogger("service.variants")

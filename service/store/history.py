@@ -7,7 +7,7 @@ trimmed by the service (the nightly job trims what it has acknowledged); when it
 service refuses new events instead of dropping unread ones.
 
 The Redis store runs on a single Redis or on Redis Cluster (REDIS_URL `redis+cluster://...`)
-with the same code: the key layout (service.names.KeyLayout) shards the stream by user and puts
+with the same code: the key layout (service.store.keys.KeyLayout) shards the stream by user and puts
 every key of one event's script in one hash slot.
 """
 
@@ -17,7 +17,6 @@ import asyncio
 import json
 import math
 import time
-import uuid
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,20 +27,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from service.names import (
-    EVENT_STREAM,  # noqa: F401 (service.history.EVENT_STREAM)
-    KeyLayout,
-    is_cluster_url,
-    node_url,
-)
+from service.store.events import EVENT_GROUP, Event
+from service.store.keys import KeyLayout, is_cluster_url, node_url
 
-# The consumer group the nightly job reads the stream through. The service creates it at start so
-# that the group's lag is measurable from the first event; only entries this group has
-# acknowledged are ever trimmed (by the nightly job), so no unread event is dropped.
-EVENT_GROUP = "nightly"
-# Event timestamps are epoch seconds in [0, MAX_TIMESTAMP] (2100-01-01T00:00:00Z): the API refuses
-# others and the nightly job sets aside any stream entry outside the range.
-MAX_TIMESTAMP = 4_102_444_800
 # What a failing Redis raises: the cluster client's own errors (no node reachable, a slot not
 # covered) are not RedisErrors.
 REDIS_ERRORS = (RedisError, RedisClusterException)
@@ -60,22 +48,6 @@ class EventLogFull(RuntimeError):
 class StreamStats:
     length: int  # entries in the event stream
     lag: int  # entries the nightly job's consumer group has not read yet
-
-
-@dataclass(frozen=True)
-class Event:
-    user_id: str
-    item_id: str
-    timestamp: float
-    event_id: str
-
-    def fields(self) -> dict[str, str]:
-        return {"user_id": self.user_id, "item_id": self.item_id,
-                "timestamp": repr(self.timestamp), "event_id": self.event_id}
-
-
-def new_event_id() -> str:
-    return uuid.uuid4().hex
 
 
 class HistoryStore(Protocol):
@@ -100,7 +72,7 @@ class HistoryStore(Protocol):
 # One round trip per event, atomic: a repeated event id changes nothing. The stream is not
 # trimmed here: the nightly job trims what its consumer group has acknowledged. KEYS are the
 # user's history, the event id's dedup key and the user's stream shard: one hash slot
-# (service.names.KeyLayout), as Redis Cluster requires of a script.
+# (service.store.keys.KeyLayout), as Redis Cluster requires of a script.
 _RECORD_SCRIPT = """
 if ARGV[1] ~= '' then
   if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[5]) then return 0 end
@@ -138,7 +110,7 @@ class RedisHistoryStore:
     async def ensure_group(self) -> None:
         """Create the nightly job's consumer group on every stream shard (from its start) if
         missing, so that its lag counts every event from the first one; and record this
-        shard count for the nightly job (service.names.KeyLayout)."""
+        shard count for the nightly job (service.store.keys.KeyLayout)."""
         if self.group_ready:
             return
         async with self.client.pipeline(transaction=False) as pipe:

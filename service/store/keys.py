@@ -1,13 +1,13 @@
-"""Names shared by the settings, the bundle format, the history store and the nightly job, in a
-module with no heavy imports: the multi-worker supervisor (`python -m service`, WORKERS > 1) reads
-the settings without loading FAISS, onnxruntime or numpy, which only the workers need."""
+"""Redis key names and layout, shared by the settings, the history store and the nightly job, in
+a module with no heavy imports: the multi-worker supervisor (`python -m service`, WORKERS > 1)
+reads the settings without loading FAISS, onnxruntime or numpy, which only the workers need.
+"""
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
 
-DEFAULT_MODEL_NAME = "recommender"  # models/<name>/: the trainer's default and the service's
 EVENT_STREAM = "recsys:events"  # default Redis Stream of accepted events (the nightly job reads it)
 
 # REDIS_URL schemes that select redis-py's cluster client; the rest of the URL is a seed node's.

@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from service import bundle as fmt
+from service.bundle.format import IndexInfo
+from service.bundle.load import load_bundle
 from tests.helpers import benchmark_script
 from trainer.export import IndexSpec, build_index, index_spec
 
@@ -95,7 +96,7 @@ def test_the_chosen_point_is_what_export_builds_and_records(sweep, result,
     assert info["search_ms_p99"] >= info["search_ms_p50"] > 0
     assert info["recall_queries"] == len(queries) and info["search_threads"] == 1
     # It validates as the manifest's index section and round-trips.
-    assert fmt.IndexInfo.model_validate(info).model_dump()["chosen_by"] == info["chosen_by"]
+    assert IndexInfo.model_validate(info).model_dump()["chosen_by"] == info["chosen_by"]
 
 
 def test_the_export_guard_raises_a_search_parameter_that_falls_short(vectors_and_queries):
@@ -117,14 +118,14 @@ def test_auto_large_catalogue_rule_and_new_kind():
 def test_an_old_manifest_index_section_still_loads():
     old = {"kind": "ivf", "factory": "IVF3999,Flat", "search_params": {"nprobe": 256},
            "recall_at_50": 0.55, "build_seconds": 24.0}
-    info = fmt.IndexInfo.model_validate(old)
+    info = IndexInfo.model_validate(old)
     assert info.search_ms_p50 is None and info.chosen_by is None and info.build_params == {}
 
 
 def test_publish_records_the_operating_point(tiny_dataset, tmp_path):
     from trainer.config import TrainConfig
+    from trainer.encoders.registry import build_encoder
     from trainer.export import publish_bundle
-    from trainer.nets import build_encoder
 
     cfg = TrainConfig(dim=16)
     model = build_encoder(tiny_dataset.n_items, cfg).eval()  # untrained: only the record counts
@@ -132,7 +133,7 @@ def test_publish_records_the_operating_point(tiny_dataset, tmp_path):
                      {"efConstruction": 40}, chosen_by="sweep test")
     path = publish_bundle(model, tiny_dataset, cfg, {"synthetic": "tiny"}, {}, tmp_path,
                           "swept", index_kind=spec, progress=False)
-    index = fmt.load_bundle(path).manifest.index
+    index = load_bundle(path).manifest.index
     assert index.factory == "HNSW8,Flat" and index.chosen_by == "sweep test"
     assert index.build_params == {"efConstruction": 40}
     assert index.search_params["efSearch"] >= 16 and index.recall_target == 0.95

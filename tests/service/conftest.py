@@ -39,7 +39,7 @@ def client_for(models_dir):
 
 def publish_copy(models_dir, source, name="tiny"):
     """Publish the files of bundle `source` as the next version of `name` (a real publish)."""
-    from service.bundle import republish
+    from service.bundle.format import republish
 
     return republish(source, models_dir, name)
 

@@ -16,9 +16,19 @@ import faiss
 import httpx
 import numpy as np
 
-from service import bundle as fmt
-from service import mapping
-from service.bundle import load_bundle
+from service.bundle import mmap as mapping
+from service.bundle.format import (
+    ENCODER,
+    ENCODER_INPUT,
+    ENCODER_OUTPUT,
+    INDEX,
+    ITEM_EMBEDDINGS,
+    ITEMS,
+    POPULARITY,
+    publish,
+    write_items,
+)
+from service.bundle.load import load_bundle
 from tests.helpers import metric
 from tests.service.conftest import free_port, publish_copy
 
@@ -126,7 +136,7 @@ def test_bundle_files_are_memory_mapped_and_answer_the_same(tiny_bundle, monkeyp
     monkeypatch.setattr(mapping, "MMAP_MIN_BYTES", 0)  # the tiny item table is a few KB
     mapped = load_bundle(tiny_bundle, mmap=True)
     assert plain.mapped == ()
-    assert "index" in mapped.mapped and fmt.ITEM_EMBEDDINGS in mapped.mapped
+    assert "index" in mapped.mapped and ITEM_EMBEDDINGS in mapped.mapped
     tables = [m for m in mapped.mapped if m.startswith("encoder:")]
     assert len(tables) == 1, mapped.mapped  # the item embedding table, nothing else
     assert isinstance(mapped.item_vectors, np.memmap)
@@ -141,7 +151,7 @@ def test_bundle_files_are_memory_mapped_and_answer_the_same(tiny_bundle, monkeyp
 def write_large_bundle(models_dir: Path, items: int, dim: int, interests: int = 4,
                        maxlen: int = 20) -> Path:
     """A bundle as the trainer lays one out (an encoder whose item table is items x dim, a flat
-    index, the .npy arrays, the id map), published with service.bundle.publish."""
+    index, the .npy arrays, the id map), published with service.bundle.format.publish."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -153,26 +163,26 @@ def write_large_bundle(models_dir: Path, items: int, dim: int, interests: int = 
         # last `interests` positions as the interest vectors.
         table = np.vstack([np.zeros((1, dim), np.float32), vectors])
         graph = helper.make_graph(
-            [helper.make_node("Gather", ["item_table", fmt.ENCODER_INPUT], ["looked_up"]),
+            [helper.make_node("Gather", ["item_table", ENCODER_INPUT], ["looked_up"]),
              helper.make_node("Slice", ["looked_up", "starts", "ends", "axes"],
-                              [fmt.ENCODER_OUTPUT])],
+                              [ENCODER_OUTPUT])],
             "encoder",
-            [helper.make_tensor_value_info(fmt.ENCODER_INPUT, TensorProto.INT64,
+            [helper.make_tensor_value_info(ENCODER_INPUT, TensorProto.INT64,
                                            ["batch", maxlen])],
-            [helper.make_tensor_value_info(fmt.ENCODER_OUTPUT, TensorProto.FLOAT,
+            [helper.make_tensor_value_info(ENCODER_OUTPUT, TensorProto.FLOAT,
                                            ["batch", interests, dim])],
             [numpy_helper.from_array(table, "item_table"),
              numpy_helper.from_array(np.array([maxlen - interests]), "starts"),
              numpy_helper.from_array(np.array([maxlen]), "ends"),
              numpy_helper.from_array(np.array([1]), "axes")])
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                  str(staging / fmt.ENCODER))
+                  str(staging / ENCODER))
         index = faiss.IndexFlatIP(dim)
         index.add(vectors)
-        faiss.write_index(index, str(staging / fmt.INDEX))
-        np.save(staging / fmt.ITEM_EMBEDDINGS, vectors)
-        np.save(staging / fmt.POPULARITY, rng.integers(0, 1000, items))
-        fmt.write_items(staging / fmt.ITEMS, [f"sku-{i}" for i in range(items)],
+        faiss.write_index(index, str(staging / INDEX))
+        np.save(staging / ITEM_EMBEDDINGS, vectors)
+        np.save(staging / POPULARITY, rng.integers(0, 1000, items))
+        write_items(staging / ITEMS, [f"sku-{i}" for i in range(items)],
                         [f"item {i}" for i in range(items)])
 
     manifest = {"git_commit": None, "dataset": {"name": "synthetic-large"}, "data_spec": {},
@@ -180,7 +190,7 @@ def write_large_bundle(models_dir: Path, items: int, dim: int, interests: int = 
                 "maxlen": maxlen, "item_count": items, "metrics": {},
                 "index": {"kind": "flat", "factory": "Flat", "recall_at_50": 1.0,
                           "build_seconds": 0.0}}
-    return fmt.publish(models_dir, "tiny", write_files, manifest)
+    return publish(models_dir, "tiny", write_files, manifest)
 
 
 def memory_kb(pid: int) -> dict[str, int]:
@@ -278,7 +288,7 @@ def test_metrics_add_up_over_workers(models_dir, redis_url, tmp_path):
 def test_auto_faiss_threads_split_the_cores_between_workers(monkeypatch):
     from types import SimpleNamespace
 
-    from service.models import search_threads
+    from service.serving.model_manager import search_threads
 
     def served(kind: str) -> SimpleNamespace:
         index = SimpleNamespace(kind=kind)

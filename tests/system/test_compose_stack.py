@@ -24,7 +24,7 @@ import pytest
 
 from tests.service.conftest import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROJECT = f"eimf-test-{os.getpid()}"
 
 

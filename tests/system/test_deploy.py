@@ -12,7 +12,7 @@ import yaml
 from service.settings import Settings
 from trainer.cli import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def instructions(text, keyword):
 
 def test_compose_services_volumes_and_healthchecks(compose):
     services = compose["services"]
-    # The default stack; the `replicas` profile (api-2, lb) is checked by tests/test_replicas.py.
+    # The default stack; the `replicas` profile (api-2, lb) is checked by
+    # tests/system/test_replicas.py.
     assert {n for n, s in services.items() if not s.get("profiles")} == \
         {"redis", "api", "trainer", "nightly"}
     assert set(compose["volumes"]) >= {"models", "redis-data"}

@@ -20,7 +20,7 @@ from service.app import create_app
 from service.settings import Settings
 from trainer.cli import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.31.0"  # the oldest version the manifests target (CronJob timeZone: 1.27)
 NAMESPACE = "eimf-recsys"

@@ -1,12 +1,13 @@
 """Two API replicas behind a real HAProxy on one real Redis, all on loopback: bounded load
 through the balancer, one replica killed with SIGKILL in the middle of it.
 
-What it shows (DESIGN.md section 10, "a replica's death costs only its in-flight requests"):
-every request gets an HTTP answer from the balancer; the only failures are requests that were
-in flight while the replica died; every event answered 2xx is in its user's history and in the
-event stream the nightly job reads (read by the nightly job's own ingest); the survivor serves
-everything afterwards. HAProxy runs docker/haproxy.cfg itself, the file the `replicas` compose
-profile uses, with loopback addresses in its environment variables.
+What it shows (a replica's death costs only its in-flight requests: docs/architecture.md,
+"Serving performance and scale-out"): every request gets an HTTP answer from the balancer; the
+only failures are requests that were in flight while the replica died; every event answered
+2xx is in its user's history and in the event stream the nightly job reads (read by the
+nightly job's own ingest); the survivor serves everything afterwards. HAProxy runs
+docker/haproxy.cfg itself, the file the `replicas` compose profile uses, with loopback
+addresses in its environment variables.
 
 HAProxy comes from Debian's package (`make haproxy`, part of `make test`); without it the test
 is skipped with the reason.
@@ -33,11 +34,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.history import EVENT_GROUP
 from service.settings import Settings
+from service.store.events import EVENT_GROUP
 from tests.service.conftest import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAPROXY_CFG = ROOT / "docker" / "haproxy.cfg"
 
 CLIENTS = 6  # concurrent clients, each with at most one request in flight
@@ -223,8 +224,9 @@ def metric(text: str, name: str) -> float:
 def nightly_view(redis_url: str, models_dir: Path, data_dir: Path) -> list[str]:
     """The event ids in the event stream as the nightly job sees them: its own ingest
     (consumer group, Parquet partitions) and its own loader, so no Redis key is named here."""
-    from trainer.data import load_event_log
-    from trainer.nightly import NightlyOptions, events_dir, ingest
+    from trainer.data.loaders import load_event_log
+    from trainer.jobs.nightly.ingest import events_dir, ingest
+    from trainer.jobs.nightly.options import NightlyOptions
 
     ingest(NightlyOptions(redis_url=redis_url, stream=Settings().event_stream,
                           group=EVENT_GROUP, data_dir=data_dir, models_dir=models_dir,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import TrainConfig
-from trainer.synthetic import make_synthetic
+from trainer.data.synthetic import make_synthetic
 
 SYNTH = "users=200,items=150,topics=10,min_len=10,max_len=20"
 
@@ -142,7 +142,7 @@ def test_read_only_runs_dir_is_a_clear_cli_error(tmp_path):
 
 
 def test_nightly_every_must_be_positive_and_only_the_flag_loops(monkeypatch):
-    from service.history import EVENT_GROUP
+    from service.store.events import EVENT_GROUP
     from trainer.cli import build_parser
 
     monkeypatch.delenv("NIGHTLY_INTERVAL_SECONDS", raising=False)
@@ -182,10 +182,137 @@ def test_a_fold_run_tests_that_fold_and_a_sasrec_serves_with_one_interest(tmp_pa
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["dataset"]["folds"] == 5 and report["dataset"]["fold"] == 2
     assert report["dataset"]["test_users"] == 40 and report["interests"] == 1  # 200 users / 5
-    from service.bundle import load_bundle
+    from service.bundle.load import load_bundle
 
     bundle = load_bundle(tmp_path / "models" / "recommender" / "1")  # checks and smoke test
     assert bundle.manifest.interests == 1 and bundle.manifest.config["fold"] == 2
     bad = run("train", "--dataset", "synthetic", "--synthetic", SYNTH, "--folds", "5",
               "--fold", "5", "--no-progress", "--run-dir", str(tmp_path / "bad"), cwd=tmp_path)
     assert bad.returncode == 2 and "fold 5 of 5" in bad.stderr
+
+
+# --- the train flags, derived from TrainConfig ---------------------------------------------------
+
+# The configuration flags `train` has always had (dest: the flag's name with underscores).
+CONFIG_FLAGS = {
+    "--backbone", "--interests", "--dim", "--maxlen", "--epochs", "--lr", "--batch-size",
+    "--loss", "--interest-loss", "--item-text", "--eval-every", "--patience", "--max-minutes",
+    "--seed", "--split-seed", "--folds", "--fold", "--threads", "--esim", "--llm",
+    "--llm-budget", "--esim-warmup-epochs", "--esim-clusters", "--esim-users-per-cluster",
+    "--esim-labels", "--esim-alpha", "--esim-beta", "--esim-tau", "--esim-matching",
+    "--esim-level", "--esim-crowds", "--esim-crowd-items", "--esim-merge-threshold",
+    "--esim-batch-users",
+}
+OTHER_TRAIN_FLAGS = {
+    "-h", "--help", "--dataset", "--data", "--items", "--format", "--synthetic", "--run-dir",
+    "--llm-base-url", "--llm-model", "--llm-cache", "--out", "--name", "--index",
+    "--if-missing", "--no-progress",
+}
+NOT_ON_CLI_FIELDS = {"negatives_per_example", "min_item_count", "min_user_count"}
+
+
+def train_subparser():
+    import argparse
+
+    from trainer.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def test_train_flags_are_the_config_fields_with_their_defaults():
+    from trainer.cli import build_parser, config_flags
+
+    assert set(config_flags().values()) == CONFIG_FLAGS
+    options = {o for action in train_subparser()._actions for o in action.option_strings}
+    assert options == CONFIG_FLAGS | OTHER_TRAIN_FLAGS
+    args = vars(build_parser().parse_args(["train"]))
+    cfg = TrainConfig()
+    for name, flag in config_flags().items():
+        assert args[flag[2:].replace("-", "_")] == getattr(cfg, name), flag
+    # the two flags not named after their field keep their dest names
+    assert args["epochs"] == cfg.max_epochs and args["llm_budget"] is None
+
+
+def test_every_config_field_has_a_flag_or_is_marked_off_the_cli():
+    from dataclasses import fields
+
+    from trainer.cli import config_flag, config_flags
+    from trainer.config import HELP, NOT_ON_CLI
+
+    for f in fields(TrainConfig):
+        assert f.metadata.get(HELP), f"TrainConfig.{f.name}: no help text"
+        assert (config_flag(f) is None) == bool(f.metadata.get(NOT_ON_CLI)), f.name
+    assert {f.name for f in fields(TrainConfig) if f.metadata.get(NOT_ON_CLI)} == \
+        NOT_ON_CLI_FIELDS
+    assert set(config_flags()) | NOT_ON_CLI_FIELDS == {f.name for f in fields(TrainConfig)}
+
+
+def test_parsed_train_flags_build_the_config():
+    from trainer.cli import build_parser, config_from_args
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["train"])) == TrainConfig()
+    cfg = config_from_args(parse([
+        "train", "--epochs", "3", "--llm-budget", "5", "--esim", "--item-text", "--backbone",
+        "mind", "--esim-level", "dual", "--lr", "0.01", "--max-minutes", "1.5",
+        "--batch-size", "32", "--llm", "metadata", "--esim-merge-threshold", "0.5"]))
+    assert cfg == TrainConfig(max_epochs=3, esim_llm_budget=5, esim=True, item_text=True,
+                              backbone="mind", esim_level="dual", lr=0.01, max_minutes=1.5,
+                              batch_size=32, llm="metadata", esim_merge_threshold=0.5)
+    for bad in (["--backbone", "nope"], ["--epochs", "x"], ["--esim-alpha", "a"]):
+        with pytest.raises(SystemExit) as exc:
+            parse(["train", *bad])
+        assert exc.value.code == 2
+
+
+# --- the nightly job's settings ------------------------------------------------------------------
+
+NIGHTLY_ENV = ("REDIS_URL", "EVENT_STREAM", "EVENT_STREAM_SHARDS", "DATA_DIR", "MODELS_DIR",
+               "MODEL_NAME")
+
+
+def test_nightly_defaults_come_from_the_service_settings_names(monkeypatch, tmp_path):
+    from service.bundle.format import DEFAULT_MODEL_NAME
+    from service.store.keys import EVENT_STREAM
+    from trainer.jobs.nightly.options import NightlySettings
+
+    for name in NIGHTLY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("MODELS_DIR=from-dotenv\n")  # the service's only
+    s = NightlySettings()
+    assert (s.redis_url, s.event_stream, s.data_dir, s.models_dir, s.model_name) == (
+        "redis://127.0.0.1:6379/0", EVENT_STREAM, Path("data"), Path("models"),
+        DEFAULT_MODEL_NAME)
+    env = {"REDIS_URL": "redis://r:1/2", "EVENT_STREAM": "ev", "DATA_DIR": "/d",
+           "MODELS_DIR": "/m", "MODEL_NAME": "mine", "EVENT_STREAM_SHARDS": "4"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    opts = NightlySettings().options(group="g")
+    assert (opts.redis_url, opts.stream, opts.data_dir, opts.models_dir, opts.name,
+            opts.group) == ("redis://r:1/2", "ev", Path("/d"), Path("/m"), "mine", "g")
+    assert opts.shards is None  # the job reads every shard count the service recorded
+
+
+def test_nightly_flags_win_over_the_environment(monkeypatch, tmp_path):
+    import trainer.cli as cli
+
+    for name in NIGHTLY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MODEL_NAME", "env-name")
+    monkeypatch.setenv("DATA_DIR", "env-data")
+    seen = []
+    monkeypatch.setattr(cli, "run_nightly", lambda opts: seen.append(opts) or {})
+    assert cli.main(["nightly", "--name", "flag-name", "--models", "m", "--tolerance",
+                     "0.1", "--epochs", "2", "--no-progress"]) == 0
+    (opts,) = seen
+    assert (opts.name, opts.models_dir, opts.data_dir, opts.redis_url) == (
+        "flag-name", Path("m"), Path("env-data"), "redis://127.0.0.1:6379/0")
+    assert opts.tolerance == 0.1 and opts.train_overrides == {"max_epochs": 2}
+    assert opts.progress is False
+    # invalid settings are a usage error, as a bad flag is
+    monkeypatch.setenv("EVENT_STREAM_SHARDS", "0")
+    assert cli.main(["nightly"]) == 2

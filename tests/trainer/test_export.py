@@ -3,10 +3,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service import bundle as fmt
+from service.bundle.format import ENCODER_INPUT, ENCODER_OUTPUT
 from trainer.config import BACKBONES, TrainConfig
+from trainer.encoders.registry import build_encoder
 from trainer.export import ExportError, build_index, check_parity, export_onnx, parity_inputs
-from trainer.nets import build_encoder
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -19,8 +19,8 @@ def test_onnx_matches_pytorch_for_every_backbone(backbone, tiny_dataset, tmp_pat
     assert check_parity(model, path, parity_inputs(model, real)) <= 1e-4
     # The names the service reads, and a dynamic batch dimension.
     session = ort.InferenceSession(str(path))
-    assert [i.name for i in session.get_inputs()] == [fmt.ENCODER_INPUT]
-    out = session.run([fmt.ENCODER_OUTPUT], {fmt.ENCODER_INPUT: real[:5]})[0]
+    assert [i.name for i in session.get_inputs()] == [ENCODER_INPUT]
+    out = session.run([ENCODER_OUTPUT], {ENCODER_INPUT: real[:5]})[0]
     assert out.shape == (5, 1 if backbone == "sasrec" else 4, 16)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from trainer.data import DataError, RawData
+from trainer.data.loaders import DataError, RawData
 
 MIN_TARGET_POSITION = 4  # ComiRec: a training target has at least 4 items before it
 EVAL_HISTORY_SHARE = 0.8  # valid/test users: first 80% is history, the rest are targets
@@ -40,7 +40,9 @@ class SequenceDataset:
     valid_users: np.ndarray
     test_users: np.ndarray
     split_seed: int
-    folds: int = 0  # 0: the 80/10/10 split; else user-level cross-validation (DESIGN 6)
+    # 0: the 80/10/10 split; else user-level cross-validation (docs/architecture.md,
+    # "Evaluation protocol")
+    folds: int = 0
     fold: int = 0
 
     @property
@@ -134,9 +136,10 @@ def split_users(n_users: int, seed: int, folds: int = 0, fold: int = 0
     """(train, valid, test) user indices, each sorted.
 
     folds == 0: users shuffled with `seed`, split 80/10/10. folds >= 3: user-level
-    cross-validation (DESIGN 6): users shuffled once with `seed` into `folds` near-equal folds;
-    run `fold` tests on fold f, validates on fold f + 1 (mod folds), trains on the rest, so
-    that over all runs every user is tested exactly once."""
+    cross-validation (docs/architecture.md, "Evaluation protocol"): users shuffled once
+    with `seed` into `folds` near-equal folds; run `fold` tests on fold f, validates on
+    fold f + 1 (mod folds), trains on the rest, so that over all runs every user is tested
+    exactly once."""
     order = np.random.default_rng(seed).permutation(n_users)
     if not folds:
         n_train = int(round(0.8 * n_users))

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
-# The nightly job's event log: Parquet partitions of service events (trainer/nightly.py).
+# The nightly job's event log: Parquet partitions of service events (trainer/jobs/nightly/).
 EVENT_COLUMNS = ("stream_id", "event_id", "user_id", "item_id", "timestamp")
 ITEM_COLUMNS = ("item_id", "title", "categories", "year")
 FORMATS = ("auto", "interactions", "movielens", "amazon", "taobao")
@@ -79,16 +79,13 @@ def _parse_timestamps(
         if unit == "ms":
             as_float = as_float / 1000.0
         return np.floor(as_float).astype(np.int64)
-    if numeric.notna().any():
-        bad = int(np.flatnonzero(numeric.isna().to_numpy())[0])
-        raise _fail(
-            path,
-            f"line {_line_of(bad, header)}: bad timestamp {values.iloc[bad]!r} "
-            "(expected epoch seconds or an ISO date)",
-        )
-    parsed = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
-    if parsed.isna().any():
-        bad = int(np.flatnonzero(parsed.isna().to_numpy())[0])
+    if numeric.notna().any():  # some values are numbers: then every value must be one
+        failed = numeric.isna()
+    else:  # else every value must be a date
+        parsed = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
+        failed = parsed.isna()
+    if failed.any():
+        bad = int(np.flatnonzero(failed.to_numpy())[0])
         raise _fail(
             path,
             f"line {_line_of(bad, header)}: bad timestamp {values.iloc[bad]!r} "

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from trainer.data import DataError, RawData, load_movielens_small, load_path, with_event_log
-from trainer.synthetic import make_synthetic
+from trainer.data.loaders import DataError, RawData, load_movielens_small, load_path, with_event_log
+from trainer.data.synthetic import make_synthetic
 
 BUILTIN_DATASETS = ("movielens-small", "synthetic")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from trainer.data import RawData, _finish
+from trainer.data.loaders import RawData, _finish
 
 
 def make_synthetic(

@@ -23,9 +23,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainer.data import DataError
-from trainer.report_plot import render_png
-from trainer.run_files import InterestSize, Named, Run, interest_sizes, load_run
+from trainer.data.loaders import DataError
+from trainer.report.plot import render_png
+from trainer.report.run_files import InterestSize, Named, Run, interest_sizes, load_run
 
 HTML_NAME = "report.html"
 PNG_NAME = "report.png"

@@ -9,7 +9,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from trainer.run_files import InterestSize, Run
+from trainer.report.run_files import InterestSize, Run
 
 # Bars in the interests panel of the PNG (the HTML table lists them all).
 MAX_BARS = 20

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.data import DataError
+from trainer.data.loaders import DataError
 
 
 @dataclass

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.dataset import SequenceDataset
-from trainer.esim import SentenceEncoder
-from trainer.nets import SEMANTIC_DIM
+from service.bundle.format import SEMANTIC_DIM
+from trainer.data.dataset import SequenceDataset
+from trainer.semantics.text_encoder import SentenceEncoder
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 import faiss
 import numpy as np
 
-from service.retrieval import merge_interest_results
-from trainer.dataset import EvalSplit, SequenceDataset
-from trainer.metrics import CUTOFFS, aggregate
+from service.serving.retrieval import merge_interest_results
+from trainer.data.dataset import EvalSplit, SequenceDataset
+from trainer.training.metrics import CUTOFFS, aggregate
 
 # Maps right-aligned histories [U, L] to interests [U, K, d] (a torch model or an ONNX session).
 Encoder = Callable[[np.ndarray], np.ndarray]

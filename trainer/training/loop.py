@@ -16,19 +16,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trainer import distributed
 from trainer.config import FULL_SOFTMAX_MAX_ITEMS, TrainConfig
-from trainer.dataset import EvalSplit, SequenceDataset
-from trainer.evaluate import Encoder, Search, evaluate_encoder, exact_search
-from trainer.metrics import CUTOFFS
-from trainer.nets import MultiInterestEncoder, Negatives, build_encoder
+from trainer.data.dataset import EvalSplit, SequenceDataset
+from trainer.encoders.base import MultiInterestEncoder, Negatives
+from trainer.encoders.registry import build_encoder
+from trainer.training import distributed
+from trainer.training.evaluate import Encoder, Search, evaluate_encoder, exact_search
+from trainer.training.metrics import CUTOFFS
 
 if TYPE_CHECKING:  # ESIM's imports (transformers, LLM clients) stay out of plain training
-    from service.bundle import NamingTables
-    from trainer.esim import EsimObjective
+    from service.bundle.naming_files import NamingTables
+    from trainer.semantics.esim.objective import EsimObjective
 
 # Called once at the end of the warm-up with the warmed-up model: returns the ESIM objective
-# and a report (trainer.esim.prepare_esim with its labeller bound).
+# and a report (trainer.semantics.esim.setup.prepare_esim with its labeller bound).
 EsimSetup = Callable[[MultiInterestEncoder], "tuple[EsimObjective, dict[str, Any]]"]
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,10 @@ def projected_total_steps(step: int, best_step: int | None, *, max_steps: int, e
 
 
 def uses_full_softmax(model: MultiInterestEncoder, n_items: int) -> bool:
-    """loss == "auto": a full softmax on a small catalogue (DESIGN 4), except where every
-    position scores the catalogue with K interests (K x maxlen times a ComiRec step: 2.7x
-    slower per step than 1,280 shared negatives on the embedded data, for no measurable gain
-    on validation)."""
+    """loss == "auto": a full softmax on a small catalogue (docs/architecture.md, "Encoders
+    and losses"), except where every position scores the catalogue with K interests (K x
+    maxlen times a ComiRec step: 2.7x slower per step than 1,280 shared negatives on the
+    embedded data, for no measurable gain on validation)."""
     if model.every_position and model.num_interests > 1:
         return False
     return n_items <= FULL_SOFTMAX_MAX_ITEMS
@@ -123,7 +124,7 @@ class TrainResult:
     esim: dict[str, Any] | None = None  # ESIM report (typical users, labels, LLM statistics)
     naming: NamingTables | None = None  # with ESIM: what the bundle needs to name interests
     selection_metric: str = SELECTION_METRIC  # the validation metric that chose the model
-    world_size: int = 1  # training processes (torchrun; trainer/distributed.py)
+    world_size: int = 1  # training processes (torchrun; trainer/training/distributed.py)
 
 
 def encode_numpy(model: MultiInterestEncoder):
@@ -168,7 +169,7 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
 
     model = build_encoder(dataset.n_items, cfg)
     if cfg.item_text:
-        from trainer.item_text import item_text_features  # MiniLM: only when asked for
+        from trainer.semantics.item_text import item_text_features
 
         model.item_text.copy_(torch.from_numpy(item_text_features(dataset)))
     if model.every_position:  # whole windows, borders moved every epoch
@@ -326,7 +327,7 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
     seconds = time.perf_counter() - started
     naming = None
     if esim_objective is not None:
-        from trainer.naming import build_naming
+        from trainer.semantics.esim.naming import build_naming
 
         naming = build_naming(esim_objective, model, esim_objective.texts)
         esim_report["naming"] = {"labels": len(naming.names),

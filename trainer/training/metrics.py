@@ -1,4 +1,5 @@
-"""Top-N metrics (DESIGN 6): Recall, NDCG (IDCG over min(|targets|, N)) and HitRate."""
+"""Top-N metrics: Recall, NDCG (IDCG over min(|targets|, N)) and HitRate
+(docs/architecture.md, "Evaluation protocol")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A/B tests between bundles (service/ab.py, service/variants.py): a stable split close to
+"""A/B tests between bundles (service/ab/, service/serving/variants.py): a stable split close to
 the configured shares, variants that hot-reload independently, a pin that never moves, and
 attribution counts from a scripted session (in-process and with a real throwaway Redis)."""
 
@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.ab import Assigner, Claim, InMemoryAttributionStore, VariantSpec, parse_variants
+from service.ab.assign import Assigner
+from service.ab.attribution import Claim, InMemoryAttributionStore
+from service.ab.spec import VariantSpec, parse_variants
 from tests.helpers import metric, wait_for
 from tests.service.conftest import make_settings, publish_copy
 
@@ -52,13 +54,14 @@ def test_split_is_close_to_the_shares_over_10000_ids(shares):
 def test_split_is_the_same_in_another_process_and_a_new_experiment_reshuffles():
     specs = [VariantSpec("a", "tiny", None, 0.5), VariantSpec("b", "tiny", None, 0.5)]
     here = "".join(Assigner(specs, "exp-1").variant(u) for u in USERS[:2000])
-    code = ("from service.ab import Assigner, VariantSpec\n"
+    code = ("from service.ab.assign import Assigner\n"
+            "from service.ab.spec import VariantSpec\n"
             "specs = [VariantSpec('a', 'tiny', None, 0.5), VariantSpec('b', 'tiny', None, 0.5)]\n"
             "print(''.join(Assigner(specs, 'exp-1').variant(f'user-{i}') for i in range(2000)))")
     # Another interpreter with another str hash seed: the split does not use hash().
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True, env={"PYTHONHASHSEED": "12345", "PATH": ""},
-                           cwd=Path(__file__).parents[2]).stdout
+                           cwd=Path(__file__).parents[3]).stdout
     assert there.strip() == here
     other = "".join(Assigner(specs, "exp-2").variant(u) for u in USERS[:2000])
     moved = sum(x != y for x, y in zip(here, other, strict=True)) / 2000

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from service import bundle as fmt
+from service.bundle.format import ENCODER
 from tests.helpers import wait_for
 from tests.service.conftest import publish_copy
 
@@ -188,7 +188,7 @@ def test_hot_reload_swaps_and_refuses_a_broken_bundle(client, models_dir):
     assert body.json()["model_version"] == 2
 
     v3 = publish_copy(models_dir, v2)
-    with open(v3 / fmt.ENCODER, "r+b") as fh:  # damaged after publishing
+    with open(v3 / ENCODER, "r+b") as fh:  # damaged after publishing
         fh.seek(10)
         fh.write(b"\x00\x00\x00")
     assert wait_for(lambda: 'result="failure"' in client.get("/metrics").text)

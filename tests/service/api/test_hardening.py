@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from service import bundle as fmt
 from service.app import create_app
-from service.history import EVENT_GROUP, MAX_TIMESTAMP
+from service.bundle.format import MANIFEST, BundleError
+from service.bundle.load import Bundle, load_bundle
 from service.observability import JsonFormatter
+from service.store.events import EVENT_GROUP, MAX_TIMESTAMP
+from tests.service.api.test_api import known_items, wait_for
 from tests.service.conftest import free_port, live_server, make_settings, publish_copy
-from tests.service.test_api import known_items, wait_for
 
 
 @pytest.fixture
@@ -192,7 +193,7 @@ def test_body_ids_are_not_stripped_but_refused(client):
 
 
 def edit_manifest(bundle_dir: Path, **changes) -> None:
-    path = bundle_dir / fmt.MANIFEST
+    path = bundle_dir / MANIFEST
     manifest = json.loads(path.read_text())
     manifest.update(changes)
     path.write_text(json.dumps(manifest))
@@ -204,8 +205,8 @@ def edit_manifest(bundle_dir: Path, **changes) -> None:
 def test_manifest_disagreeing_with_the_graph_is_refused(models_dir, field, value, needle):
     bundle_dir = models_dir / "tiny" / "1"
     edit_manifest(bundle_dir, **{field: value})
-    with pytest.raises(fmt.BundleError, match=needle):
-        fmt.load_bundle(bundle_dir)
+    with pytest.raises(BundleError, match=needle):
+        load_bundle(bundle_dir)
 
 
 def test_a_mismatched_only_bundle_leaves_the_service_not_ready(models_dir, client_for):
@@ -219,9 +220,9 @@ def test_a_bundle_whose_test_inference_fails_is_refused(models_dir, monkeypatch)
     def no_search(self, queries, n):
         raise RuntimeError("index broken")
 
-    monkeypatch.setattr(fmt.Bundle, "search", no_search)
-    with pytest.raises(fmt.BundleError, match="test inference failed"):
-        fmt.load_bundle(models_dir / "tiny" / "1")
+    monkeypatch.setattr(Bundle, "search", no_search)
+    with pytest.raises(BundleError, match="test inference failed"):
+        load_bundle(models_dir / "tiny" / "1")
 
 
 def reloads(client, result):

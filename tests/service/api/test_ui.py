@@ -27,10 +27,10 @@ import httpx
 import numpy as np
 import pytest
 
-from service.bundle import republish
+from service.bundle.format import republish
 from tests.service.conftest import free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SCREENSHOTS = REPO / "benchmarks" / "results" / "ui"  # gitignored
 API_KEY = "ui-test-key"
 # A title that would run script or add markup if the page used innerHTML with data.

@@ -6,8 +6,20 @@ import sys
 import numpy as np
 import pytest
 
-from service import bundle as fmt
-from service.bundle import BundleError, latest_version, load_bundle
+from service.bundle.format import (
+    ENCODER,
+    FORMAT_VERSION,
+    INDEX,
+    ITEM_EMBEDDINGS,
+    MANIFEST,
+    REQUIRED_FILES,
+    BundleError,
+    complete_versions,
+    latest_version,
+    publish,
+    republish,
+)
+from service.bundle.load import load_bundle
 
 
 @pytest.fixture
@@ -21,8 +33,8 @@ def copy_of(tiny_bundle, tmp_path):
 def test_loads_and_serves_shapes(tiny_bundle):
     b = load_bundle(tiny_bundle)
     m = b.manifest
-    assert m.version == 1 and m.name == "tiny" and m.format_version == fmt.FORMAT_VERSION
-    assert set(m.files) == set(fmt.REQUIRED_FILES)
+    assert m.version == 1 and m.name == "tiny" and m.format_version == FORMAT_VERSION
+    assert set(m.files) == set(REQUIRED_FILES)
     interests = b.encode(np.zeros((3, m.maxlen), dtype=np.int64))
     assert interests.shape == (3, m.interests, m.dim) and interests.dtype == np.float32
     scores, rows = b.search(interests[0], 5)
@@ -31,14 +43,14 @@ def test_loads_and_serves_shapes(tiny_bundle):
 
 
 def test_truncated_file_is_refused_naming_it(copy_of):
-    target = copy_of / "1" / fmt.ENCODER
+    target = copy_of / "1" / ENCODER
     target.write_bytes(target.read_bytes()[:100])
     with pytest.raises(BundleError, match=r"encoder.onnx: 100 bytes, manifest says \d+"):
         load_bundle(copy_of / "1")
 
 
 def test_tampered_file_is_refused_naming_it(copy_of):
-    target = copy_of / "1" / fmt.ITEM_EMBEDDINGS
+    target = copy_of / "1" / ITEM_EMBEDDINGS
     data = bytearray(target.read_bytes())
     data[-1] ^= 0xFF  # same size, different content
     target.write_bytes(bytes(data))
@@ -47,13 +59,13 @@ def test_tampered_file_is_refused_naming_it(copy_of):
 
 
 def test_missing_file_and_broken_manifest_are_named(copy_of):
-    (copy_of / "1" / fmt.INDEX).unlink()
+    (copy_of / "1" / INDEX).unlink()
     with pytest.raises(BundleError, match="items.faiss: missing"):
         load_bundle(copy_of / "1")
-    (copy_of / "1" / fmt.MANIFEST).write_text("{not json")
+    (copy_of / "1" / MANIFEST).write_text("{not json")
     with pytest.raises(BundleError, match="manifest.json: not valid JSON"):
         load_bundle(copy_of / "1")
-    (copy_of / "1" / fmt.MANIFEST).write_text(json.dumps({"format_version": 1}))
+    (copy_of / "1" / MANIFEST).write_text(json.dumps({"format_version": 1}))
     with pytest.raises(BundleError, match="manifest.json: invalid manifest"):
         load_bundle(copy_of / "1")
 
@@ -61,36 +73,48 @@ def test_missing_file_and_broken_manifest_are_named(copy_of):
 def test_half_written_version_is_never_the_newest(copy_of):
     half = copy_of / "2"
     shutil.copytree(copy_of / "1", half)
-    (half / fmt.MANIFEST).unlink()  # the manifest is written last: this one never finished
+    (half / MANIFEST).unlink()  # the manifest is written last: this one never finished
     (copy_of / ".staging-abc").mkdir()
-    assert fmt.complete_versions(copy_of) == [1]
+    assert complete_versions(copy_of) == [1]
     assert latest_version(copy_of) == 1
 
 
 def test_publish_takes_the_next_version_and_cleans_up_on_failure(copy_of, tiny_bundle):
-    manifest = json.loads((tiny_bundle / fmt.MANIFEST).read_text())
+    manifest = json.loads((tiny_bundle / MANIFEST).read_text())
     keep = {k: v for k, v in manifest.items()
             if k not in ("files", "version", "name", "created", "format_version")}
 
     (copy_of / "2").mkdir()  # an abandoned, incomplete version still reserves its number
-    path = fmt.republish(tiny_bundle, copy_of.parent, "tiny", {"note": "copy"})
+    path = republish(tiny_bundle, copy_of.parent, "tiny", {"note": "copy"})
     assert path == copy_of / "3" and load_bundle(path).version == 3
     assert load_bundle(path).manifest.extra["note"] == "copy"
 
     def fail(staging):
-        (staging / fmt.ENCODER).write_bytes(b"partial")
+        (staging / ENCODER).write_bytes(b"partial")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        fmt.publish(copy_of.parent, "tiny", fail, keep)
+        publish(copy_of.parent, "tiny", fail, keep)
     assert sorted(p.name for p in copy_of.iterdir()) == ["1", "2", "3"]
 
     with pytest.raises(BundleError, match="missing encoder.onnx"):
-        fmt.publish(copy_of.parent, "tiny", lambda staging: None, keep)
+        publish(copy_of.parent, "tiny", lambda staging: None, keep)
 
 
 def test_bundle_module_does_not_import_torch():
-    code = "import sys, service.bundle, service.retrieval; print('torch' in sys.modules)"
+    code = ("import sys, service.bundle.load, service.serving.recommender, service.app; "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_bundle_format_is_light():
+    """The format module is what the trainer's encoders and the service's settings import: it
+    must not pull in numpy, FAISS or onnxruntime."""
+    code = ("import sys, service.bundle.format; "
+            "print(sorted(m for m in ('numpy', 'faiss', 'onnxruntime', 'torch') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

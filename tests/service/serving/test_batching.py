@@ -1,6 +1,6 @@
-"""Micro-batching of /recommend (service/batching.py): concurrent requests share one encoder run
-and one search, yet each gets exactly its answer alone; a faulty request fails alone; a lone
-request is not held; a hot swap under batched load drops nothing."""
+"""Micro-batching of /recommend (service/serving/batching.py): concurrent requests share one
+encoder run and one search, yet each gets exactly its answer alone; a faulty request fails
+alone; a lone request is not held; a hot swap under batched load drops nothing."""
 
 import asyncio
 import contextlib
@@ -14,10 +14,10 @@ import numpy as np
 from fastapi import FastAPI
 
 from service.app import create_app
-from service.batching import Batcher
-from service.bundle import load_bundle
+from service.bundle.load import load_bundle
 from service.observability import Metrics
-from service.recommender import Recommender
+from service.serving.batching import Batcher
+from service.serving.recommender import Recommender
 from tests.service.conftest import live_server, make_settings, publish_copy
 
 

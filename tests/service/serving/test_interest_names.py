@@ -4,21 +4,24 @@ and the adaptive merge (drop unsupported interests, merge near-duplicates, share
 import numpy as np
 import pytest
 
-from service.bundle import (
+from service.bundle.format import (
     NAMING,
     NAMING_PROJECTION,
     SEMANTIC_DIM,
     BundleError,
-    NamingTables,
-    load_bundle,
     publish,
     read_manifest,
-    read_naming,
-    write_naming,
 )
-from service.naming import InterestNamer
-from service.recommender import Recommender, Shaping
-from service.retrieval import adapt_interests, interest_support, merge_by_share, share_quotas
+from service.bundle.load import load_bundle
+from service.bundle.naming_files import NamingTables, read_naming, write_naming
+from service.serving.interest_names import InterestNamer
+from service.serving.recommender import Recommender, Shaping
+from service.serving.retrieval import (
+    adapt_interests,
+    interest_support,
+    merge_by_share,
+    share_quotas,
+)
 
 
 def tables(dim: int, names=("space opera", "film noir", "cartoons"), min_confidence=0.5):

@@ -1,6 +1,6 @@
 import numpy as np
 
-from service.retrieval import merge_interest_results
+from service.serving.retrieval import merge_interest_results
 
 
 def test_merge_ranks_by_score_dedups_and_keeps_best_interest():

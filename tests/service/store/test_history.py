@@ -6,15 +6,10 @@ import json
 import pytest
 from redis.crc import key_slot
 
-from service.history import (
-    EVENT_GROUP,
-    Event,
-    EventLogFull,
-    InMemoryHistoryStore,
-    RedisHistoryStore,
-)
-from service.names import KeyLayout
 from service.settings import Settings
+from service.store.events import EVENT_GROUP, Event
+from service.store.history import EventLogFull, InMemoryHistoryStore, RedisHistoryStore
+from service.store.keys import KeyLayout
 
 
 def ev(user, item, event_id, ts=1.0):

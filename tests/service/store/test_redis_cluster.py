@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import redis
 
-import trainer.nightly as nightly_module
-from service.history import EVENT_GROUP
-from service.names import CLUSTER_SHARDS, EVENT_STREAM, KeyLayout
+import trainer.jobs.nightly.ingest as nightly_module
+from service.store.events import EVENT_GROUP
+from service.store.keys import CLUSTER_SHARDS, EVENT_STREAM, KeyLayout
 from tests.service.conftest import free_port
-from trainer.data import load_event_log
-from trainer.nightly import NightlyOptions, ingest
+from trainer.data.loaders import load_event_log
+from trainer.jobs.nightly.ingest import ingest
+from trainer.jobs.nightly.options import NightlyOptions
 
 MASTERS = 3
 

@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trainer.data import DataError, RawData
-from trainer.dataset import build_dataset
-from trainer.synthetic import make_synthetic
+from trainer.data.dataset import build_dataset
+from trainer.data.loaders import DataError, RawData
+from trainer.data.synthetic import make_synthetic
 
 
 def raw_from(rows):

@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from trainer.data import (
+from trainer.data.loaders import (
     DataError,
     load_amazon,
     load_interactions,

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import BACKBONES, SINGLE_INTEREST_BACKBONES, TrainConfig
-from trainer.nets import BestInterestScore, Negatives, build_encoder
-from trainer.train import LogUniformSampler
+from trainer.encoders.base import BestInterestScore, Negatives
+from trainer.encoders.registry import build_encoder
+from trainer.training.loop import LogUniformSampler
 
 
 def make(backbone, n_items=30, k=3, d=8, maxlen=6, interest_loss="max"):

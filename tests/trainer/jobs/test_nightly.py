@@ -12,13 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from service import bundle as fmt
-from service.history import EVENT_GROUP, MAX_TIMESTAMP, Event, RedisHistoryStore
-from service.names import KeyLayout
+from service.bundle.format import complete_versions, read_manifest
+from service.bundle.load import load_bundle
+from service.store.events import EVENT_GROUP, MAX_TIMESTAMP, Event
+from service.store.history import RedisHistoryStore
+from service.store.keys import KeyLayout
 from tests.conftest import TINY_SPEC
 from trainer.config import TrainConfig
-from trainer.data import load_event_log
-from trainer.nightly import NightlyOptions, RunLock, ingest, trim_acknowledged
+from trainer.data.loaders import load_event_log
+from trainer.jobs.nightly.ingest import ingest, trim_acknowledged
+from trainer.jobs.nightly.lock import RunLock
+from trainer.jobs.nightly.options import NightlyOptions
 
 STREAM = "recsys:events"
 
@@ -106,7 +110,7 @@ def test_worse_candidate_is_not_published(tmp_path, redis_url, models_dir, tiny_
     # ~190 items: Recall@50 would cover a quarter of the catalogue, so the gate uses less
     assert gate.startswith("recall@") and int(gate.split("@")[1]) < 20
     assert report["candidate"][gate] < report["served"][gate] - 0.005
-    assert fmt.complete_versions(models_dir / "tiny") == [1]
+    assert complete_versions(models_dir / "tiny") == [1]
     saved = json.loads(Path(report["report"]).read_text())
     assert saved["decision"] == "rejected" and "recall@20" in saved["served"]
 
@@ -117,10 +121,10 @@ def test_candidate_within_tolerance_is_published(tmp_path, redis_url, models_dir
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["decision"] == "published" and report["ingest"]["events"] == 160
-    published = fmt.load_bundle(report["published"])
+    published = load_bundle(report["published"])
     assert published.version == 2
     assert published.manifest.extra["nightly_gate"]["tolerance"] == 1
-    assert published.manifest.data_spec["base"] == fmt.read_manifest(
+    assert published.manifest.data_spec["base"] == read_manifest(
         models_dir / "tiny" / "1").data_spec
 
 
@@ -283,7 +287,7 @@ def test_ingest_trims_only_what_the_group_acknowledged(
     assert stats["events"] == 0 and stats["trimmed"] == 2 and redisdb.xlen(STREAM) == 0
 
     # An entry the service adds between the read and the trim survives the trim.
-    import trainer.nightly as nightly_module
+    import trainer.jobs.nightly.ingest as nightly_module
 
     real_trim, seen = nightly_module.trim_acknowledged, {}
 
@@ -412,7 +416,7 @@ def test_sigterm_during_a_cycle_abandons_it_cleanly(
     assert elapsed < 3
     assert "cycle interrupted by SIGTERM" in stderr and "redone at the next run" in stderr
     assert running.text("stdout") == ""  # no report: the cycle did not finish
-    assert fmt.complete_versions(patient_models_dir / "tiny") == [1]  # nothing published
+    assert complete_versions(patient_models_dir / "tiny") == [1]  # nothing published
     assert [p.name for p in (patient_models_dir / "tiny").iterdir()] == ["1"]  # no staging
     with RunLock(tmp_path / "data" / "nightly.lock"):  # released
         pass

@@ -8,10 +8,11 @@ import onnx
 import pytest
 import torch
 
+from service.bundle.format import SEMANTIC_DIM
 from trainer.config import TrainConfig
+from trainer.encoders.registry import build_encoder
 from trainer.export import check_parity, export_onnx, parity_inputs
-from trainer.item_text import item_sentence, item_sentences, item_text_features
-from trainer.nets import SEMANTIC_DIM, build_encoder
+from trainer.semantics.item_text import item_sentence, item_sentences, item_text_features
 
 
 class CountingEncoder:

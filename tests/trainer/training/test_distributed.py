@@ -1,4 +1,4 @@
-"""Data-parallel training (trainer/distributed.py): two gloo processes on loopback really
+"""Data-parallel training (trainer/training/distributed.py): two gloo processes on loopback really
 exchange gradients, and `torchrun --nproc-per-node 2 -m trainer train` writes one run."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer import distributed
 from trainer.config import TrainConfig
-from trainer.dataset import build_dataset
-from trainer.nets import build_encoder
-from trainer.synthetic import make_synthetic
-from trainer.train import LogUniformSampler, train
+from trainer.data.dataset import build_dataset
+from trainer.data.synthetic import make_synthetic
+from trainer.encoders.registry import build_encoder
+from trainer.training import distributed
+from trainer.training.loop import LogUniformSampler, train
 
 TINY = dict(n_users=200, n_items=150, n_topics=10, min_len=10, max_len=20, seed=0)
 SYNTH = "users=200,items=150,topics=10,min_len=10,max_len=20"

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from trainer.config import TrainConfig
-from trainer.dataset import build_dataset
-from trainer.specs import load_spec
-from trainer.synthetic import make_synthetic
-from trainer.train import (
+from trainer.data.dataset import build_dataset
+from trainer.data.specs import load_spec
+from trainer.data.synthetic import make_synthetic
+from trainer.training.loop import (
     SELECTION_METRIC,
     early_stop_step,
     evaluate_model,
@@ -48,7 +48,7 @@ def test_early_stopping_restores_the_best_evaluation(small):
 
 def test_time_cap_stop_warns_with_steps_epochs_and_the_option(small, caplog):
     cfg = TrainConfig(max_epochs=5, eval_every=5, dim=16, seed=0, max_minutes=1e-6)
-    with caplog.at_level(logging.WARNING, logger="trainer.train"):
+    with caplog.at_level(logging.WARNING, logger="trainer.training.loop"):
         result = train(small, cfg, progress=False)
     assert result.stopped_by == "time_limit" and result.steps == 1
     [warning] = [r for r in caplog.records if "time cap" in r.getMessage()]
@@ -60,7 +60,7 @@ def test_time_cap_stop_warns_with_steps_epochs_and_the_option(small, caplog):
 
 def test_no_time_cap_warning_when_early_stopping_ends_training(small, caplog):
     cfg = TrainConfig(max_epochs=30, eval_every=5, patience=1, dim=16, lr=0.05, seed=0)
-    with caplog.at_level(logging.WARNING, logger="trainer.train"):
+    with caplog.at_level(logging.WARNING, logger="trainer.training.loop"):
         assert train(small, cfg, progress=False).stopped_by == "early_stopping"
     assert not [r for r in caplog.records if "time cap" in r.getMessage()]
 
@@ -97,7 +97,7 @@ def test_small_catalogue_selects_on_a_small_cutoff_and_warns(caplog):
                                         max_len=20, seed=0))
     assert data.n_items == 50
     cfg = TrainConfig(max_epochs=2, eval_every=5, dim=16, seed=0)
-    with caplog.at_level(logging.WARNING, logger="trainer.train"):
+    with caplog.at_level(logging.WARNING, logger="trainer.training.loop"):
         result = train(data, cfg, progress=False)
     assert result.selection_metric == "recall@5"
     assert {"recall@5", "recall@20", "recall@50"} <= set(result.best_valid)
@@ -112,7 +112,7 @@ def test_small_catalogue_selects_on_a_small_cutoff_and_warns(caplog):
 def test_movielens_sized_catalogue_still_selects_on_recall_at_50(caplog):
     data = build_dataset(load_spec({"dataset": "movielens-small"}))
     cfg = TrainConfig(max_epochs=1, dim=16, seed=0, max_minutes=1e-6)  # one step is enough
-    with caplog.at_level(logging.WARNING, logger="trainer.train"):
+    with caplog.at_level(logging.WARNING, logger="trainer.training.loop"):
         result = train(data, cfg, progress=False)
     assert result.selection_metric == SELECTION_METRIC == "recall@50"
     assert not [r for r in caplog.records if "catalogue" in r.getMessage()]
@@ -147,7 +147,7 @@ def test_progress_bar_ends_where_early_stopping_ends_training(small, monkeypatch
             self.totals.append(self.total)
             return super().refresh(*args, **kwargs)
 
-    monkeypatch.setattr("trainer.train.tqdm", Recorder)
+    monkeypatch.setattr("trainer.training.loop.tqdm", Recorder)
     cfg = TrainConfig(max_epochs=30, eval_every=5, patience=2, dim=16, lr=0.05, seed=0)
     result = train(small, cfg, progress=True)
     assert result.stopped_by == "early_stopping"

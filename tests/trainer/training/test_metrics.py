@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.metrics import aggregate, user_metrics
+from trainer.training.metrics import aggregate, user_metrics
 
 LOG2_3 = math.log2(3)
 

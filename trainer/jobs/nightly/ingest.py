@@ -1,138 +1,35 @@
-"""The nightly job: event log -> training data -> candidate -> quality gate -> publish.
-
-1. Take a lock (one run at a time).
-2. Drain the service's Redis Stream, shard by shard (service.names.KeyLayout: one stream, or
-   N by user hash; on Redis Cluster too), through a consumer group: first this consumer's
-   pending entries (read by a run that died before acknowledging), then new ones. Each batch is
-   written as a Parquet partition named after its shard and its first and last stream ids
-   (write to a temporary file, fsync, rename) and only then acknowledged. A crash in between
-   leaves the entries pending; the rerun reads the same ids again and the loader keeps one row
-   per stream id (qualified by the shard: `s3:<id>`, since shards' ids may coincide), so
-   nothing is lost and nothing is duplicated. A malformed entry is set aside in
-   malformed/[<shard>-]<first>-<last>.jsonl (with the reason) and acknowledged like the others,
-   so it never blocks the job. After each acknowledgement the shard is trimmed up to the
-   oldest entry the group has not acknowledged (the service appends without a length cap).
-3. Retrain with the served model's configuration on its base data plus every persisted event.
-4. Evaluate the candidate and the served bundle through the serving code path on the same
-   held-out users of the new data; publish the candidate only if its Recall@50 is not worse
-   than the served one's by more than the tolerance. The decision and both metric sets go to
-   a report.
-
-`run_every` repeats the job on an interval as a long-running process (a container's PID 1):
-SIGTERM or SIGINT stops it at once while it sleeps, and abandons a cycle in progress (every
-step above is safe to interrupt and redo).
+"""Stream -> Parquet: drain the event stream's shards through a consumer group, persist each
+batch durably before acknowledging it, set malformed entries aside, trim what is acknowledged.
+Entries are parsed by the event contract (`service.store.events.parse_entry`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import math
 import os
-import signal
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import redis
 from redis.cluster import RedisCluster
 
-from service import bundle as fmt
-from service.history import MAX_TIMESTAMP, REDIS_ERRORS
-from service.names import KeyLayout, is_cluster_url, node_url
-from service.recommender import Recommender
-from service.schemas import MAX_ID_LENGTH, check_id
-from trainer.config import TrainConfig
-from trainer.data import EVENT_COLUMNS
-from trainer.dataset import SequenceDataset, build_dataset
-from trainer.esim import esim_setup
-from trainer.export import publish_bundle
-from trainer.metrics import CUTOFFS, aggregate
-from trainer.specs import load_spec
-from trainer.train import evaluate_model, selection_cutoff, selection_metric, train
+from service.store.events import (
+    Malformed,
+    as_text,
+    parse_entry,
+)
+from service.store.history import REDIS_ERRORS
+from service.store.keys import KeyLayout, is_cluster_url, node_url
+from trainer.data.loaders import EVENT_COLUMNS
+from trainer.jobs.nightly.lock import NightlyError
+from trainer.jobs.nightly.options import NightlyOptions
 
 log = logging.getLogger(__name__)
 
 Client = redis.Redis | RedisCluster
-
-
-class NightlyError(RuntimeError):
-    pass
-
-
-class LockHeld(NightlyError):
-    pass
-
-
-class Interrupted(BaseException):
-    """Raised by `run_every`'s signal handler. A BaseException, like KeyboardInterrupt, so that
-    no `except Exception` on the way (cleanup code, libraries) swallows the stop."""
-
-    def __init__(self, signum: int) -> None:
-        self.signame = signal.Signals(signum).name
-        super().__init__(self.signame)
-
-
-class Malformed(ValueError):
-    """A stream entry that is not a valid event; the message is the reason."""
-
-
-@dataclass
-class NightlyOptions:
-    redis_url: str
-    stream: str
-    group: str
-    data_dir: Path
-    models_dir: Path
-    name: str
-    tolerance: float = 0.005
-    batch_size: int = 10_000
-    train_overrides: dict[str, Any] | None = None
-    crash_after_persist: bool = False  # test hook: die between writing and acknowledging
-    progress: bool = True
-    # The event stream's shard count; None: the counts the service recorded (service.names.
-    # KeyLayout.registry_key), or before it ever ran, 1 (16 on Redis Cluster).
-    shards: int | None = None
-
-
-# --- lock ---------------------------------------------------------------------------------------
-
-
-class RunLock:
-    """An exclusive, non-blocking flock; released by the OS if the process dies."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            self.fh.close()
-            raise LockHeld(f"{self.path}: another nightly run holds the lock") from exc
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(f"{os.getpid()}\n")
-        self.fh.flush()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_UN)
-        finally:
-            self.fh.close()  # closing releases the lock too, whatever happened above
-
-
-# --- events: stream -> parquet -----------------------------------------------------------------
 
 
 def events_dir(data_dir: Path) -> Path:
@@ -186,65 +83,6 @@ def read_batches(client: Client, stream: str, group: str, consumer: str,
         if not entries:
             break
         yield entries
-
-
-def as_text(value: bytes | str) -> str:
-    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
-
-
-def _id_field(event: dict[str, Any], name: str) -> str:
-    if name not in event:
-        raise Malformed(f"no {name}")
-    value = event[name]
-    if not isinstance(value, str):
-        raise Malformed(f"{name}: a string expected, got {type(value).__name__}")
-    if not 0 < len(value) <= MAX_ID_LENGTH:
-        raise Malformed(f"{name}: {len(value)} characters, not 1..{MAX_ID_LENGTH}")
-    try:
-        return check_id(value)  # the API's own id rule (a lone surrogate: Parquet refuses it)
-    except ValueError as exc:
-        raise Malformed(f"{name}: {exc}") from exc
-
-
-def _timestamp(event: dict[str, Any]) -> int:
-    if "timestamp" not in event:
-        raise Malformed("no timestamp")
-    raw = event["timestamp"]
-    # The service writes repr(float); numbers are accepted too, booleans are not.
-    if isinstance(raw, bool) or not isinstance(raw, str | int | float):
-        raise Malformed(f"timestamp: a number expected, got {type(raw).__name__}")
-    try:
-        value = float(raw)
-    except OverflowError as exc:  # an integer beyond any float
-        raise Malformed(f"timestamp: outside [0, {MAX_TIMESTAMP}]") from exc
-    except ValueError as exc:
-        raise Malformed(f"timestamp: not a number ({str(raw)[:40]!r})") from exc
-    if not (math.isfinite(value) and 0 <= value <= MAX_TIMESTAMP):
-        raise Malformed(f"timestamp: {value!r} is outside [0, {MAX_TIMESTAMP}]")
-    return int(value)
-
-
-def parse_entry(fields: dict[bytes, bytes] | None) -> tuple[str, str, str, int]:
-    """(event_id, user_id, item_id, timestamp) of one stream entry, or Malformed(reason)."""
-    if not isinstance(fields, dict | None):
-        raise Malformed(f"fields: a mapping expected, got {type(fields).__name__}")
-    if not fields:  # nil (redis-py: None or {}) for an entry deleted while pending
-        raise Malformed("no fields (the entry was deleted or trimmed while pending)")
-    raw = fields.get(b"event", fields.get("event"))
-    if raw is None:
-        raise Malformed("no 'event' field")
-    try:
-        body = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-    except UnicodeDecodeError as exc:
-        raise Malformed("event: not UTF-8") from exc
-    try:
-        event = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise Malformed(f"event: not JSON ({exc})") from exc
-    if not isinstance(event, dict):
-        raise Malformed(f"event: a JSON object expected, got {type(event).__name__}")
-    return (_id_field(event, "event_id"), _id_field(event, "user_id"),
-            _id_field(event, "item_id"), _timestamp(event))
 
 
 def qualified(tag: str, stream_id: str) -> str:
@@ -394,148 +232,3 @@ def ingest_stream(client: Client, stream: str, tag: str, opts: NightlyOptions,
         batches += 1
     if not batches:  # still trim what a previous run acknowledged but did not trim
         stats["trimmed"] += trim_acknowledged(client, stream, opts.group)
-
-
-# --- the quality gate ---------------------------------------------------------------------------
-
-
-def held_out(dataset: SequenceDataset, maxlen: int) -> tuple[list[list[str]], list[np.ndarray]]:
-    """Test users' histories and targets as external ids (comparable across bundles)."""
-    split = dataset.eval_split("test", maxlen)
-    histories = [dataset.item_ids[h[h != 0]].tolist() for h in split.histories]
-    targets = [dataset.item_ids[t] for t in split.targets]
-    return histories, targets
-
-
-def evaluate_served_path(bundle_dir: Path, histories: list[list[str]],
-                         targets: list[np.ndarray],
-                         cutoffs: tuple[int, ...] = CUTOFFS) -> dict[str, float]:
-    """Metrics of a bundle through the service's own recommend path."""
-    rec = Recommender(fmt.load_bundle(bundle_dir))
-    n = max(cutoffs)
-    ranked = [np.array(rec.recommend(h, n, fanout=n).item_ids, dtype=object) for h in histories]
-    return aggregate(ranked, targets, cutoffs)
-
-
-def run_nightly(opts: NightlyOptions) -> dict[str, Any]:
-    started = time.perf_counter()
-    report: dict[str, Any] = {"started": datetime.now(UTC).isoformat(timespec="seconds")}
-    with RunLock(opts.data_dir / "nightly.lock"):
-        report["ingest"] = ingest(opts)
-        root = opts.models_dir / opts.name
-        served_version = fmt.latest_version(root)
-        if served_version is None:
-            raise NightlyError(f"{root}: no served bundle to retrain from (train one first)")
-        served_dir = root / str(served_version)
-        served = fmt.read_manifest(served_dir)
-        report["served_version"] = served_version
-        if report["ingest"]["events"] == 0:
-            report["decision"] = "skipped: no new events"
-            return finish(report, opts, started)
-
-        base_spec = served.data_spec.get("base", served.data_spec)
-        spec = {"base": base_spec, "events": str(events_dir(opts.data_dir).resolve())}
-        cfg = TrainConfig.from_dict({**served.config, **(opts.train_overrides or {})})
-        dataset = build_dataset(load_spec(spec), **cfg.split())
-        report["dataset"] = dataset.describe()
-        # A served ESIM model is retrained with ESIM; the LLM answers come from the cache
-        # for typical users asked before.
-        result = train(dataset, cfg, progress=opts.progress,
-                       esim_setup=esim_setup(dataset, cfg, None, opts.progress))
-        if result.esim is not None:
-            report["esim"] = result.esim
-        test = evaluate_model(result.model, dataset.eval_split("test", cfg.maxlen))
-
-        histories, targets = held_out(dataset, cfg.maxlen)
-        with tempfile.TemporaryDirectory(dir=opts.data_dir) as tmp:
-            candidate_dir = publish_bundle(result.model, dataset, cfg, spec, {"test": test},
-                                           Path(tmp), opts.name, progress=opts.progress,
-                                           naming=result.naming)
-            # The gate compares what selection compares: Recall@50, or a smaller cut-off on a
-            # catalogue where Recall@50 is 1.0 for any model.
-            gate = selection_metric(dataset.n_items)
-            cutoffs = tuple(sorted({*CUTOFFS, selection_cutoff(dataset.n_items)}))
-            report["candidate"] = evaluate_served_path(candidate_dir, histories, targets, cutoffs)
-            report["served"] = evaluate_served_path(served_dir, histories, targets, cutoffs)
-            gap = report["candidate"][gate] - report["served"][gate]
-            report["gate"] = {"metric": gate, "difference": gap,
-                              "tolerance": opts.tolerance, "held_out_users": len(targets)}
-            if gap < -opts.tolerance:
-                report["decision"] = "rejected"
-            else:
-                report["published"] = str(fmt.republish(
-                    candidate_dir, opts.models_dir, opts.name, {"nightly_gate": report["gate"]}))
-                report["decision"] = "published"
-    return finish(report, opts, started)
-
-
-def finish(report: dict[str, Any], opts: NightlyOptions, started: float) -> dict[str, Any]:
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    reports = opts.data_dir / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = reports / f"nightly-{stamp}-{os.getpid()}.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
-    report["report"] = str(path)
-    log.info("nightly: %s (report %s)", report["decision"], path)
-    return report
-
-
-
-# --- the scheduler ------------------------------------------------------------------------------
-
-
-def run_cycle(opts: NightlyOptions) -> dict[str, Any]:
-    """One nightly run for the scheduler: a failure is logged and reported, not raised."""
-    started = datetime.now(UTC).isoformat(timespec="seconds")
-    try:
-        return run_nightly(opts)
-    except Exception as exc:  # the loop must outlive any one bad night
-        expected = isinstance(exc, NightlyError | ValueError | OSError)
-        log.error("nightly cycle failed: %s", exc, exc_info=not expected)
-        return {"started": started, "decision": "failed", "error": f"{exc}"}
-
-
-def run_every(opts: NightlyOptions, every: float,
-              emit: Callable[[dict[str, Any]], None]) -> None:
-    """Sleep `every` seconds, run a cycle, emit its report, repeat; return on SIGTERM/SIGINT.
-
-    The handlers raise Interrupted wherever the main thread is: a sleep ends at once, and a
-    cycle is abandoned where it stands. That is safe because every step of a cycle is: the
-    lock is a context manager (and the OS releases it with the process anyway), an event
-    batch is persisted before it is acknowledged (an unacknowledged one is read again), and a
-    bundle appears by one atomic rename or not at all."""
-    phase = "starting"
-    stopping = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        if stopping:  # a second signal must not break the cleanup of the first
-            log.info("nightly: %s again; already stopping", signal.Signals(signum).name)
-            return
-        stopping = True
-        raise Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        log.info("nightly: a cycle every %gs until SIGTERM or SIGINT; the first in %gs",
-                 every, every)
-        while True:
-            phase = "sleeping"
-            deadline = time.monotonic() + every
-            while (left := deadline - time.monotonic()) > 0:
-                time.sleep(min(left, 3600.0))  # time.sleep overflows past ~292 years
-            phase = "cycle"
-            report = run_cycle(opts)
-            phase = "reporting"
-            emit(report)
-            log.info("nightly cycle: %s; the next in %gs", report.get("decision"), every)
-    except Interrupted as exc:
-        if phase == "cycle":
-            log.warning("nightly: cycle interrupted by %s; it will be redone at the next run "
-                        "(events it ingested are kept, no bundle is half-published)", exc.signame)
-        else:
-            log.info("nightly: stopped by %s", exc.signame)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

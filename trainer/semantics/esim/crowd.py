@@ -1,4 +1,5 @@
-"""ESIM's crowd level (DESIGN 5.7, after "LLM-Driven Dual-Level Multi-Interest Modeling").
+"""ESIM's crowd level, after "LLM-Driven Dual-Level Multi-Interest Modeling"
+(docs/architecture.md, "ESIM levels").
 
 One sparse user tells an LLM little, and nothing about how fine its interest groups should be.
 So the training users are clustered into crowds of similar behaviour (the same representation
@@ -18,7 +19,7 @@ spoken for by one *synthesized user*:
   member's history window (the items the encoder sees); the interest's items in that window
   are what the attention matching looks at. Members that inherit nothing are not supervised.
 
-The result is a `Supervision` for trainer.esim_objective, whose L_align contrasts a crowd
+The result is a `Supervision` for trainer.semantics.esim.objective, whose L_align contrasts a crowd
 interest against the other crowds' interests.
 """
 
@@ -35,11 +36,11 @@ import faiss
 import numpy as np
 
 from trainer.config import TrainConfig
-from trainer.dataset import SequenceDataset
-from trainer.esim import behaviour_means, last_histories, prompt_items
-from trainer.esim_objective import Encode, Supervision
-from trainer.llm import Interest, Labeller, label_users
-from trainer.nets import MultiInterestEncoder
+from trainer.data.dataset import SequenceDataset
+from trainer.encoders.base import MultiInterestEncoder
+from trainer.semantics.esim.objective import Encode, Supervision
+from trainer.semantics.esim.typical_users import behaviour_means, last_histories, prompt_items
+from trainer.semantics.llm.labellers import Interest, Labeller, label_users
 
 log = logging.getLogger(__name__)
 

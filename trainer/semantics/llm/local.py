@@ -1,7 +1,7 @@
 """The `local` labeller backend: SmolLM2-135M-Instruct on the CPU, with constrained decoding.
 
-Split from trainer.llm (one prompt, schema and cache for every backend), which imports it only
-when `--llm local` is asked for: transformers and the GGUF weights are heavy to load.
+Imported by `backends.local_chat` only when `--llm local` is asked for: transformers and the
+GGUF weights are heavy to load.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trainer.llm import (
+from trainer.semantics.llm.prompt import (
     SYSTEM_PROMPT,
     AnswerSchema,
     LLMError,
@@ -196,6 +196,3 @@ class LocalChat:
                                                         [items[i] for i in groups[c]]),
                           "items": [i + 1 for i in groups[c]]} for c in kept]
         return json.dumps({"interests": interests})
-
-
-# --- labellers: the one interface the trainer uses ----------------------------------------------

@@ -13,18 +13,19 @@ import torch
 
 from trainer.cli import main as cli_main
 from trainer.config import TrainConfig
-from trainer.crowd import crowd_level, max_cover, merge_near_duplicates, propagate
-from trainer.esim import last_histories, prepare_esim
-from trainer.esim_objective import EsimObjective
-from trainer.llm import (
+from trainer.semantics.esim.crowd import crowd_level, max_cover, merge_near_duplicates, propagate
+from trainer.semantics.esim.objective import EsimObjective
+from trainer.semantics.esim.setup import prepare_esim
+from trainer.semantics.esim.typical_users import last_histories
+from trainer.semantics.llm.cache import ResponseCache
+from trainer.semantics.llm.labellers import (
     ORACLE_SOURCE,
     ORACLE_WORDS,
     ChatLabeller,
     Interest,
     OracleLabeller,
-    ResponseCache,
 )
-from trainer.train import train
+from trainer.training.loop import train
 
 # --- max-cover ----------------------------------------------------------------------------------
 

@@ -11,20 +11,18 @@ import onnx
 import pytest
 import torch
 
-from service.bundle import load_bundle
-from service.recommender import Recommender, Shaping
+from service.bundle.load import load_bundle
+from service.serving.recommender import Recommender, Shaping
 from trainer.cli import main as cli_main
 from trainer.config import TrainConfig
-from trainer.esim import (
-    EsimObjective,
-    interest_vocabulary,
-    prepare_esim,
-    select_typical_users,
-)
+from trainer.encoders.registry import build_encoder
 from trainer.export import export_onnx, publish_bundle
-from trainer.llm import METADATA_SOURCE, MetadataLabeller
-from trainer.nets import build_encoder
-from trainer.train import evaluate_model, train
+from trainer.semantics.esim.objective import EsimObjective
+from trainer.semantics.esim.setup import prepare_esim
+from trainer.semantics.esim.typical_users import select_typical_users
+from trainer.semantics.esim.vocabulary import interest_vocabulary
+from trainer.semantics.llm.labellers import METADATA_SOURCE, MetadataLabeller
+from trainer.training.loop import evaluate_model, train
 
 
 def test_typical_users_are_distinct_training_users_nearest_their_centroids(tiny_dataset,
@@ -198,7 +196,7 @@ SYNTHETIC_ARGS = ["train", "--dataset", "synthetic", "--synthetic",
 
 
 def test_cli_trains_with_an_openai_compatible_endpoint(tmp_path, capsys):
-    from tests.trainer.test_llm import ChatServer
+    from tests.trainer.semantics.llm.test_llm import ChatServer
 
     server = ChatServer()  # answers every prompt with two valid interests
     try:

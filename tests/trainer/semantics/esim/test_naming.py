@@ -1,9 +1,9 @@
-"""The naming vocabulary and the calibrated threshold (trainer/naming.py)."""
+"""The naming vocabulary and the calibrated threshold (trainer/semantics/esim/naming.py)."""
 
 import numpy as np
 import pytest
 
-from trainer.naming import choose_threshold, interest_name, vocabulary
+from trainer.semantics.esim.naming import choose_threshold, interest_name, vocabulary
 
 
 def unit(*rows):

@@ -10,23 +10,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from trainer.llm import (
+from trainer.semantics.llm.backends import LLMSettings, OpenAIChat
+from trainer.semantics.llm.cache import ResponseCache
+from trainer.semantics.llm.labellers import (
     METADATA_SOURCE,
     ORACLE_SOURCE,
-    AnswerSchema,
     ChatLabeller,
-    LLMSettings,
     MetadataLabeller,
-    OpenAIChat,
     OracleError,
     OracleLabeller,
-    PromptItem,
-    ResponseCache,
-    build_messages,
     label_users,
     make_labeller,
-    parse_answer,
 )
+from trainer.semantics.llm.prompt import AnswerSchema, PromptItem, build_messages, parse_answer
 
 ITEMS = [PromptItem("Toy Story", 1995.0, ("Animation", "Comedy")),
          PromptItem("Heat", 1995.0, ("Action", "Crime")),
@@ -298,7 +294,7 @@ def test_oracle_returns_every_true_topic_of_the_items():
 
 
 def test_oracle_uses_the_topics_the_synthetic_generator_planted(tiny_dataset):
-    from trainer.esim import last_histories, prompt_items
+    from trainer.semantics.esim.typical_users import last_histories, prompt_items
 
     user = tiny_dataset.train_users[:1]
     history = last_histories(tiny_dataset, user, 20)[0]
@@ -313,7 +309,7 @@ def test_oracle_refuses_items_without_a_planted_topic(tiny_dataset):
     from dataclasses import replace
 
     from trainer.config import TrainConfig
-    from trainer.esim import esim_setup
+    from trainer.semantics.esim.setup import esim_setup
 
     with pytest.raises(OracleError, match="needs synthetic data"):
         OracleLabeller(4).label(ITEMS)  # MovieLens-like items: genres, no true topic
@@ -329,10 +325,10 @@ def test_oracle_refuses_items_without_a_planted_topic(tiny_dataset):
 
 @pytest.mark.slow
 def test_local_backend_labels_a_real_user_with_a_valid_answer(tmp_path):
-    from trainer.dataset import build_dataset
-    from trainer.esim import prompt_items
-    from trainer.local_llm import LocalChat
-    from trainer.specs import load_spec
+    from trainer.data.dataset import build_dataset
+    from trainer.data.specs import load_spec
+    from trainer.semantics.esim.typical_users import prompt_items
+    from trainer.semantics.llm.local import LocalChat
 
     dataset = build_dataset(load_spec({"dataset": "movielens-small"}))
     user = dataset.train_users[0]

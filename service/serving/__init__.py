@@ -1,0 +1,1 @@
+"""Serving: the recommender, retrieval, batching, variants, the model manager."""

@@ -1,0 +1,1 @@
+"""Data: loaders of interaction files, the sequence dataset, specs, synthetic data."""

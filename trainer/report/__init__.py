@@ -1,0 +1,1 @@
+"""`python -m trainer report`: a run's page and picture."""

@@ -1,0 +1,1 @@
+"""Semantics (training only): the sentence encoder, item text, LLM labelling, ESIM."""

