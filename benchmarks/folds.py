@@ -1,12 +1,14 @@
 """Compare models with user-level 10-fold cross-validation: paired per user
 (docs/architecture.md, "Evaluation protocol").
 
-Every variant is trained once per fold (`python -m trainer train --folds N --fold F`: test on
-fold F, validate on F + 1, train on the rest), two processes at a time on this machine; every
-user is tested exactly once. For each pair of variants (MostPop included) it prints the mean
-per-user difference of Recall@20, Recall@50 and NDCG@50 with a bootstrap 95% interval, and in
-how many folds the first was better. Runs already done are reused (per_user.json in their run
-directory), so an interrupted benchmark resumes.
+Every variant is trained once per fold and training seed (`python -m trainer train --folds N
+--fold F --seed S`: test on fold F, validate on F + 1, train on the rest; `--seeds S` gives
+seeds 0..S-1), two processes at a time on this machine; every user is tested exactly once per
+seed. For each pair of variants (MostPop included) it prints the mean per-user difference of
+Recall@20, Recall@50 and NDCG@50 with a bootstrap 95% interval that resamples, in every fold,
+the training runs (seeds) and the users, and in how many folds the first was better. Runs
+already done are reused (per_user.json in their run directory), so an interrupted benchmark
+resumes.
 
     python benchmarks/folds.py --variant sa="--backbone comirec-sa" \\
         --variant sasrec="--backbone sasrec" --out benchmarks/results/folds
@@ -32,47 +34,61 @@ METRICS = ("recall@20", "recall@50", "ndcg@50")
 MOSTPOP = "mostpop"
 
 
+def run_dir_of(out: Path, name: str, seed: int, fold: int, seeds: int) -> Path:
+    """out/NAME/fold-F, or out/NAME/seed-S/fold-F with several training seeds."""
+    return out / name / (f"seed-{seed}" if seeds > 1 else "") / f"fold-{fold}"
+
+
 def run_fold(name: str, args: list[str], fold: int, folds: int, dataset: str, out: Path,
-             threads: int) -> Path:
-    run_dir = out / name / f"fold-{fold}"
+             threads: int, seed: int = 0, seeds: int = 1) -> Path:
+    run_dir = run_dir_of(out, name, seed, fold, seeds)
     result = run_dir / "per_user.json"
     if result.is_file():
         return result
     cmd = [sys.executable, "-m", "trainer", "train", "--dataset", dataset, "--folds", str(folds),
            "--fold", str(fold), "--run-dir", str(run_dir), "--threads", str(threads),
-           "--no-progress", *args]
+           "--no-progress", *args, *(["--seed", str(seed)] if seeds > 1 else [])]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"{name} fold {fold}: test recall@50 {report['test']['recall@50']:.4f} "
+    print(f"{name} seed {seed} fold {fold}: test recall@50 {report['test']['recall@50']:.4f} "
           f"(MostPop {report['mostpop']['recall@50']:.4f}), {report['train']['seconds']:.0f}s "
           f"train, {time.perf_counter() - started:.0f}s in all", file=sys.stderr)
     return result
 
 
-def load(results: dict[str, list[Path]]) -> tuple[list[str], np.ndarray, dict]:
-    """Users (all folds, in fold order), their fold, and metric arrays per variant."""
+def load(results: dict[str, list[Path]] | dict[str, list[list[Path]]]
+         ) -> tuple[list[str], np.ndarray, dict]:
+    """Users (all folds, in fold order), their fold, and metric arrays per variant: [U] with
+    one seed (a list of per-fold paths), [S, U] with several (a list per seed). MostPop does
+    not depend on the training seed: [U]."""
     users: list[str] = []
     fold_of: list[int] = []
-    values: dict[str, dict[str, list[float]]] = {}
+    values: dict[str, dict[str, list[list[float]]]] = {}
     first = next(iter(results))
-    for name, paths in results.items():
-        for fold, path in enumerate(paths):
-            data = json.loads(path.read_text())
-            if name == first:
-                users += data["users"]
-                fold_of += [fold] * len(data["users"])
+    nested = isinstance(results[first][0], list)
+    for name, runs in results.items():
+        per_seed = runs if nested else [runs]
+        for s, paths in enumerate(per_seed):
+            for fold, path in enumerate(paths):
+                data = json.loads(path.read_text())
+                if name == first and s == 0:
+                    users += data["users"]
+                    fold_of += [fold] * len(data["users"])
+                    for metric in METRICS:
+                        values.setdefault(MOSTPOP, {}).setdefault(metric, [[]])[0].extend(
+                            data["mostpop"][metric])
                 for metric in METRICS:
-                    values.setdefault(MOSTPOP, {}).setdefault(metric, []).extend(
-                        data["mostpop"][metric])
-            for metric in METRICS:
-                values.setdefault(name, {}).setdefault(metric, []).extend(data["model"][metric])
-    arrays = {name: {m: np.asarray(v) for m, v in metrics.items()}
-              for name, metrics in values.items()}
+                    rows = values.setdefault(name, {}).setdefault(metric, [])
+                    while len(rows) <= s:
+                        rows.append([])
+                    rows[s].extend(data["model"][metric])
+    arrays = {name: {m: (np.asarray(v) if nested and name != MOSTPOP else np.asarray(v[0]))
+                     for m, v in metrics.items()} for name, metrics in values.items()}
     for name, metrics in arrays.items():
-        if any(len(v) != len(users) for v in metrics.values()):
+        if any(v.shape[-1] != len(users) for v in metrics.values()):
             raise SystemExit(f"{name}: per-user results do not cover the same users")
     return users, np.asarray(fold_of), arrays
 
@@ -86,30 +102,63 @@ def bootstrap_interval(diff: np.ndarray, resamples: int = 10_000,
     return float(low), float(high)
 
 
+def runs_and_users_interval(diff: np.ndarray, folds: np.ndarray, resamples: int = 10_000,
+                            seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean paired difference diff [S, U] (S training seeds),
+    resampling both levels: in every fold, its S runs (seeds) and its users, with
+    replacement. With S = 1 it is a user bootstrap stratified by fold."""
+    rng = np.random.default_rng(seed)
+    n_seeds, n_users = diff.shape
+    totals = np.zeros(resamples)
+    for fold in np.unique(folds):
+        block = diff[:, folds == fold]  # [S, n_f]
+        seeds = rng.integers(0, n_seeds, (resamples, n_seeds))
+        users = rng.integers(0, block.shape[1], (resamples, block.shape[1]))
+        totals += block[seeds[:, :, None], users[:, None, :]].sum(axis=(1, 2))
+    low, high = np.percentile(totals / (n_seeds * n_users), [2.5, 97.5])
+    return float(low), float(high)
+
+
 def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], folds: np.ndarray) -> dict:
+    """A - B per user (per seed and user with several seeds; MostPop is seed-free and
+    broadcasts): the mean, an interval that resamples runs and users, and fold wins."""
     out = {}
     for metric in METRICS:
-        diff = a[metric] - b[metric]
-        low, high = bootstrap_interval(diff)
-        per_fold = [float(diff[folds == f].mean()) for f in np.unique(folds)]
+        diff = np.atleast_2d(a[metric]) - np.atleast_2d(b[metric])  # [S, U]
+        low, high = runs_and_users_interval(diff, folds)
+        per_fold = [float(diff[:, folds == f].mean()) for f in np.unique(folds)]
         out[metric] = {"mean_difference": float(diff.mean()), "interval_95": [low, high],
                        "excludes_zero": bool(low > 0 or high < 0),
-                       "wins": int(sum(d > 0 for d in per_fold)), "folds": len(per_fold)}
+                       "wins": int(sum(d > 0 for d in per_fold)), "folds": len(per_fold),
+                       "seeds": int(diff.shape[0])}
     return out
 
 
-def training_seconds(paths: list[Path]) -> dict[str, float] | None:
-    """Training time of a variant's runs (metrics.json beside per_user.json): these runs
-    share the machine (`--jobs`), so they are slower than one run alone."""
-    seconds = []
+def training_time(paths: list[Path]) -> dict[str, float] | None:
+    """Training time of a variant's runs (metrics.json beside per_user.json), means over the
+    runs: wall seconds, steps, seconds per step, the step of the best evaluation, the steps
+    spent after it, and the 1-minute load average at the start and end. These runs share the
+    machine (`--jobs`), so they are slower than one run alone: compare variants of one run."""
+    rows = []
     for path in paths:
         metrics = path.parent / "metrics.json"
         if metrics.is_file():
-            seconds.append(json.loads(metrics.read_text())["train"]["seconds"])
-    if not seconds:
+            rows.append(json.loads(metrics.read_text())["train"])
+    if not rows:
         return None
-    return {"mean": float(np.mean(seconds)), "min": float(min(seconds)),
-            "max": float(max(seconds))}
+
+    def mean(key: str) -> float | None:
+        values = [row[key] for row in rows if row.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    loads = [row["load_average"][when][0] for row in rows if row.get("load_average")
+             for when in ("start", "end")]
+    return {"runs": len(rows), "seconds": mean("seconds"),
+            "seconds_min": float(min(r["seconds"] for r in rows)),
+            "seconds_max": float(max(r["seconds"] for r in rows)),
+            "steps": mean("steps"), "seconds_per_step": mean("seconds_per_step"),
+            "best_step": mean("best_step"), "steps_after_best": mean("steps_after_best"),
+            "load_1min": float(np.mean(loads)) if loads else None}
 
 
 def markdown(summary: dict) -> str:
@@ -123,6 +172,19 @@ def markdown(summary: dict) -> str:
                  f"{r['interval_95'][1]:+.4f}] {r['wins']}/{r['folds']}"
                  for r in (result[m] for m in METRICS)]
         lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    lines += ["", "| variant | train s (min-max) | steps | s/step | best step | after best | "
+              "load 1m |", "|---|---|---|---|---|---|---|"]
+
+    def cell(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    for name, t in summary["train_time"].items():
+        if t is None:
+            continue
+        lines.append(f"| {name} | {t['seconds']:.1f} ({t['seconds_min']:.0f}-"
+                     f"{t['seconds_max']:.0f}) | {cell(t['steps'], '.0f')} | "
+                     f"{cell(t['seconds_per_step'], '.3f')} | {cell(t['best_step'], '.0f')} | "
+                     f"{cell(t['steps_after_best'], '.0f')} | {cell(t['load_1min'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -132,6 +194,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=ARGS",
                         help="a name and the trainer arguments of one variant (repeatable)")
     parser.add_argument("--folds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="training seeds per fold (0..N-1); intervals then resample runs "
+                             "as well as users")
     parser.add_argument("--dataset", default="movielens-small")
     parser.add_argument("--jobs", type=int, default=2, help="training processes at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -144,18 +209,23 @@ def main() -> None:
         if not name or name == MOSTPOP or name in variants:
             parser.error(f"--variant {spec!r}: give a new NAME=ARGS ({MOSTPOP!r} is built in)")
         variants[name] = shlex.split(rest)
-    jobs = [(name, fold) for name in variants for fold in range(args.folds)]
+    jobs = [(name, seed, fold) for seed in range(args.seeds) for fold in range(args.folds)
+            for name in variants]
     with ThreadPoolExecutor(args.jobs) as pool:
         done = dict(zip(jobs, pool.map(
-            lambda job: run_fold(job[0], variants[job[0]], job[1], args.folds, args.dataset,
-                                 args.out, args.threads), jobs), strict=True))
-    results = {name: [done[(name, f)] for f in range(args.folds)] for name in variants}
+            lambda job: run_fold(job[0], variants[job[0]], job[2], args.folds, args.dataset,
+                                 args.out, args.threads, job[1], args.seeds), jobs),
+            strict=True))
+    per_seed = {name: [[done[(name, s, f)] for f in range(args.folds)]
+                       for s in range(args.seeds)] for name in variants}
+    results = per_seed if args.seeds > 1 else {n: runs[0] for n, runs in per_seed.items()}
     users, folds, arrays = load(results)
     summary = {
-        "dataset": args.dataset, "folds": args.folds, "users": len(users),
+        "dataset": args.dataset, "folds": args.folds, "seeds": args.seeds, "users": len(users),
         "variants": {name: shlex.join(a) for name, a in variants.items()},
         "means": {name: {m: float(v[m].mean()) for m in METRICS} for name, v in arrays.items()},
-        "train_seconds": {name: training_seconds(paths) for name, paths in results.items()},
+        "train_time": {name: training_time([p for runs in per_seed[name] for p in runs])
+                       for name in variants},
         "pairs": {f"{a} vs {b}": compare(arrays[a], arrays[b], folds)
                   for a, b in itertools.combinations(arrays, 2)},
     }

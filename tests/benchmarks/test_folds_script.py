@@ -62,12 +62,64 @@ def test_load_lines_users_up_across_variants_and_adds_mostpop(folds, tmp_path):
     assert arrays[folds.MOSTPOP]["recall@50"].tolist() == [0, 0, 0.25]
 
 
-def test_training_seconds_summarises_the_runs_metrics(folds, tmp_path):
+def test_training_time_summarises_the_runs_metrics(folds, tmp_path):
     paths = []
-    for fold, seconds in enumerate([10.0, 30.0]):
+    for fold, (seconds, steps, best) in enumerate([(10.0, 100, 60), (30.0, 300, 200)]):
         run = tmp_path / f"fold-{fold}"
         run.mkdir()
-        (run / "metrics.json").write_text(json.dumps({"train": {"seconds": seconds}}))
+        train = {"seconds": seconds, "steps": steps, "best_step": best,
+                 "seconds_per_step": seconds / steps, "steps_after_best": steps - best,
+                 "load_average": {"start": [0.5 + fold, 0, 0], "end": [1.5 + fold, 0, 0]}}
+        (run / "metrics.json").write_text(json.dumps({"train": train}))
         paths.append(run / "per_user.json")
-    assert folds.training_seconds(paths) == {"mean": 20.0, "min": 10.0, "max": 30.0}
-    assert folds.training_seconds([tmp_path / "missing" / "per_user.json"]) is None
+    time = folds.training_time(paths)
+    assert time["runs"] == 2 and time["seconds"] == 20.0
+    assert (time["seconds_min"], time["seconds_max"]) == (10.0, 30.0)
+    assert time["steps"] == 200 and time["best_step"] == 130 and time["steps_after_best"] == 70
+    assert time["seconds_per_step"] == 0.1 and time["load_1min"] == 1.5
+    assert folds.training_time([tmp_path / "missing" / "per_user.json"]) is None
+
+
+def test_training_time_of_runs_before_the_timing_line(folds, tmp_path):
+    """metrics.json written before steps and load averages were recorded: seconds only."""
+    run = tmp_path / "fold-0"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"train": {"seconds": 12.0}}))
+    time = folds.training_time([run / "per_user.json"])
+    assert time["seconds"] == 12.0 and time["steps"] is None and time["load_1min"] is None
+
+
+def test_interval_widens_when_runs_disagree(folds):
+    """Two seeds that agree give the user-level interval; two seeds whose differences have
+    opposite signs (model-level noise) must widen it to cover 0."""
+    rng = np.random.default_rng(2)
+    fold_of = np.repeat(np.arange(10), 60)
+    noise = rng.normal(0, 0.05, 600)
+    agree = np.stack([0.01 + noise, 0.01 + noise])
+    disagree = np.stack([0.06 + noise, -0.04 + noise])
+    low, high = folds.runs_and_users_interval(agree, fold_of)
+    assert low > 0
+    wide_low, wide_high = folds.runs_and_users_interval(disagree, fold_of)
+    assert wide_low < 0 < wide_high
+    assert wide_high - wide_low > 2 * (high - low)
+
+
+def test_load_and_compare_with_seeds(folds, tmp_path):
+    """Per-seed runs load as [S, U]; MostPop stays [U] and broadcasts in a comparison."""
+    def write(name, seed, fold, users, model):
+        path = tmp_path / name / f"seed-{seed}" / f"fold-{fold}" / "per_user.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"users": users, "model": {m: model for m in folds.METRICS},
+                                    "mostpop": {m: [0.0] * len(users) for m in folds.METRICS}}))
+        return path
+
+    results = {"x": [[write("x", s, f, [f"u{f}"], [0.5 + s]) for f in range(3)]
+                     for s in range(2)]}
+    users, fold_of, arrays = folds.load(results)
+    assert users == ["u0", "u1", "u2"] and fold_of.tolist() == [0, 1, 2]
+    assert arrays["x"]["recall@50"].shape == (2, 3)
+    assert arrays[folds.MOSTPOP]["recall@50"].shape == (3,)
+    result = folds.compare(arrays["x"], arrays[folds.MOSTPOP], fold_of)["recall@50"]
+    assert result["mean_difference"] == pytest.approx(1.0) and result["seeds"] == 2
+    assert folds.run_dir_of(tmp_path, "x", 1, 2, seeds=2) == tmp_path / "x" / "seed-1" / "fold-2"
+    assert folds.run_dir_of(tmp_path, "x", 0, 2, seeds=1) == tmp_path / "x" / "fold-2"

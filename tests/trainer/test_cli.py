@@ -117,6 +117,14 @@ def test_default_run_dir_is_under_RUNS_DIR(tmp_path):
     assert not (tmp_path / "runs").exists()  # not the working directory
     # Fewer than 200 items: selected on Recall@(a tenth of the catalogue).
     assert report["train"]["selection_metric"] == f"recall@{report['dataset']['items'] // 10}"
+    # The training-time line: wall seconds, steps, seconds per step, the best step, the load.
+    train = report["train"]
+    # (seconds is rounded to 0.01 s in the report, seconds_per_step is not)
+    assert train["seconds_per_step"] == pytest.approx(train["seconds"] / train["steps"],
+                                                      abs=0.01 / train["steps"] + 1e-4)
+    assert train["steps_after_best"] == train["steps"] - train["best_step"] >= 0
+    assert set(train["phase_seconds"]) >= {"forward_loss", "backward", "evaluate"}
+    assert len(train["load_average"]["start"]) == 3
 
 
 def test_run_dir_that_cannot_be_created_is_a_clear_cli_error(tmp_path):

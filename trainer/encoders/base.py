@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from service.bundle.format import SEMANTIC_DIM
 from trainer.config import TrainConfig
@@ -102,6 +103,13 @@ class MultiInterestEncoder(nn.Module):
         by, so the model is trained for the ranking it serves. `argmax` (ComiRec's): the
         interest closest to the target is the user vector and scores every item; another
         interest that scores a negative highly goes unpunished."""
+        # A named range for profiles of training (benchmarks/profile_train.py): the scoring
+        # against the catalogue or the negatives, apart from the encoder.
+        with record_function("score"):
+            return self._interest_softmax_loss(interests, targets, negatives)
+
+    def _interest_softmax_loss(self, interests: Tensor, targets: Tensor,
+                               negatives: Negatives | None) -> Tensor:
         target_vec = self.embed_items(targets)
         if self.interest_loss == "argmax":
             best = torch.einsum("pkd,pd->pk", interests, target_vec).argmax(dim=1)

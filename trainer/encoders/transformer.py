@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from trainer.config import TrainConfig
 from trainer.encoders.base import MASK_LOGIT, Encoded, MultiInterestEncoder, Negatives
@@ -78,7 +79,8 @@ class SASRec(MultiInterestEncoder):
         the target. Padding positions are left out."""
         hidden, _ = self.sequence(item_ids)  # [B, L, d]
         following, keep = next_items(item_ids, targets)
-        return self.softmax_loss(hidden[keep], following[keep], negatives)
+        with record_function("score"):  # the scoring, apart from the encoder (profiles)
+            return self.softmax_loss(hidden[keep], following[keep], negatives)
 
 
 def next_items(item_ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

@@ -23,6 +23,7 @@ from trainer.encoders.registry import build_encoder
 from trainer.training import distributed
 from trainer.training.evaluate import Encoder, Search, evaluate_encoder, exact_search
 from trainer.training.metrics import CUTOFFS
+from trainer.training.timing import Phases, load_average
 
 if TYPE_CHECKING:  # ESIM's imports (transformers, LLM clients) stay out of plain training
     from service.bundle.naming_files import NamingTables
@@ -125,6 +126,9 @@ class TrainResult:
     naming: NamingTables | None = None  # with ESIM: what the bundle needs to name interests
     selection_metric: str = SELECTION_METRIC  # the validation metric that chose the model
     world_size: int = 1  # training processes (torchrun; trainer/training/distributed.py)
+    # Wall seconds per loop phase (trainer/training/timing.py) and the load around the run.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    load_average: dict[str, list[float]] = field(default_factory=dict)
 
 
 def encode_numpy(model: MultiInterestEncoder):
@@ -222,6 +226,8 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
     selected_step: int | None = None
     bad_evals, step, stopped_by = 0, 0, "max_epochs"
     curve: list[dict[str, float]] = []
+    phases = Phases()
+    load_at_start = load_average()
     started = time.perf_counter()
     log.info("training %s: %d examples, %d steps per epoch, at most %d steps or %g minutes%s",
              cfg.backbone, len(users), steps_per_epoch, max_steps, cfg.max_minutes,
@@ -254,39 +260,46 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
             targets_all = dataset.flat[dataset.offsets[users] + positions]
             order = distributed.trim(rng.permutation(len(users)))
             for lo in range(0, len(order), cfg.batch_size):
-                batch = distributed.shard(order[lo : lo + cfg.batch_size])
-                histories = torch.from_numpy(
-                    dataset.histories(users[batch], positions[batch], cfg.maxlen))
-                targets = torch.from_numpy(targets_all[batch])
-                negatives = None
-                if sampler is not None:
-                    count = cfg.negatives_per_example * cfg.batch_size
-                    negatives = sampler.sample(count, generator)
+                with phases("data"):
+                    batch = distributed.shard(order[lo : lo + cfg.batch_size])
+                    histories = torch.from_numpy(
+                        dataset.histories(users[batch], positions[batch], cfg.maxlen))
+                    targets = torch.from_numpy(targets_all[batch])
+                    negatives = None
+                    if sampler is not None:
+                        count = cfg.negatives_per_example * cfg.batch_size
+                        negatives = sampler.sample(count, generator)
                 if step == esim_start:
-                    esim_objective, esim_report = esim_setup(model)
-                    optimisers.append(torch.optim.Adam(esim_objective.parameters(), lr=cfg.lr))
-                    esim_report["start_step"] = step
-                    esim_report["warmup_valid"] = evaluate_model(model, valid, cutoffs)
+                    with phases("esim_setup"):
+                        esim_objective, esim_report = esim_setup(model)
+                        optimisers.append(
+                            torch.optim.Adam(esim_objective.parameters(), lr=cfg.lr))
+                        esim_report["start_step"] = step
+                        esim_report["warmup_valid"] = evaluate_model(model, valid, cutoffs)
                     # The model must be chosen among ESIM-trained states, or ESIM could be a
                     # no-op.
                     best_metric, best_state, bad_evals, selected_step = -1.0, None, 0, None
-                objective.train()
-                loss = objective(histories, targets, negatives)  # through DDP's forward
-                if esim_objective is not None:
-                    aux, esim_parts = esim_objective.loss(model)
-                    loss = loss + aux
-                for optimiser in optimisers:
-                    optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                for optimiser in optimisers:
-                    optimiser.step()
+                with phases("forward_loss"):
+                    objective.train()
+                    loss = objective(histories, targets, negatives)  # through DDP's forward
+                    if esim_objective is not None:
+                        aux, esim_parts = esim_objective.loss(model)
+                        loss = loss + aux
+                with phases("backward"):
+                    for optimiser in optimisers:
+                        optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
+                with phases("optimiser"):
+                    for optimiser in optimisers:
+                        optimiser.step()
                 step += 1
                 running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
                 bar.update(1)
 
                 if step % eval_every == 0:
                     running = distributed.mean(running)  # the global batch's loss
-                    metrics = evaluate_model(model, valid, cutoffs)
+                    with phases("evaluate"):
+                        metrics = evaluate_model(model, valid, cutoffs)
                     curve.append({"step": step, "loss": running, **metrics,
                                   **{f"esim_{k}": v for k, v in esim_parts.items()}})
                     if metrics[metric] > best_metric:
@@ -316,7 +329,8 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
         bar.close()
 
     # A final evaluation so the last steps count too.
-    metrics = evaluate_model(model, valid, cutoffs)
+    with phases("evaluate"):
+        metrics = evaluate_model(model, valid, cutoffs)
     if metrics[metric] > best_metric:
         best_valid, best_step, best_state = metrics, step, None
     if best_state is not None:
@@ -344,5 +358,6 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
         model=model, best_valid=best_valid, best_step=best_step, steps=step,
         epochs=epochs, seconds=seconds, stopped_by=stopped_by,
         loss_mode="full" if full else "sampled", curve=curve, esim=esim_report, naming=naming,
-        selection_metric=metric, world_size=world,
+        selection_metric=metric, world_size=world, phase_seconds=phases.rounded(),
+        load_average={"start": load_at_start, "end": load_average()},
     )

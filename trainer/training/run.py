@@ -140,6 +140,10 @@ def train_run(cfg: TrainConfig, spec: dict[str, Any], *, run_dir: Path | None = 
             "selection_metric": result.selection_metric,
             "seconds": round(result.seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
             "world_size": result.world_size,  # training processes (torchrun)
+            "seconds_per_step": round(result.seconds / max(result.steps, 1), 4),
+            "steps_after_best": result.steps - result.best_step,
+            "phase_seconds": result.phase_seconds,  # the loop's wall time by phase
+            "load_average": result.load_average,  # 1/5/15-minute, at start and end
         },
         # ESIM settings, typical users and LLM statistics (source "metadata (...)" when no
         # LLM was used); null for IBIM alone.

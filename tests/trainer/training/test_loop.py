@@ -46,6 +46,20 @@ def test_early_stopping_restores_the_best_evaluation(small):
     assert again[metric] == pytest.approx(result.best_valid[metric])
 
 
+def test_phase_seconds_account_for_the_training_time(small):
+    """Every phase is timed, none twice: the phases add up to at most the run's wall time and
+    to most of it (the rest is the bar, the best-state copies and the loop itself)."""
+    cfg = TrainConfig(max_epochs=2, eval_every=5, dim=16, seed=0)
+    result = train(small, cfg, progress=False)
+    phases = result.phase_seconds
+    assert set(phases) == {"data", "forward_loss", "backward", "optimiser", "evaluate",
+                           "esim_setup"}
+    assert phases["esim_setup"] == 0 and all(phases[p] > 0 for p in phases if p != "esim_setup")
+    assert 0.5 * result.seconds < sum(phases.values()) <= result.seconds + 0.01
+    assert set(result.load_average) == {"start", "end"}
+    assert all(len(v) == 3 and min(v) >= 0 for v in result.load_average.values())
+
+
 def test_time_cap_stop_warns_with_steps_epochs_and_the_option(small, caplog):
     cfg = TrainConfig(max_epochs=5, eval_every=5, dim=16, seed=0, max_minutes=1e-6)
     with caplog.at_level(logging.WARNING, logger="trainer.training.loop"):
