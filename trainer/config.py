@@ -94,6 +94,10 @@ class TrainConfig:
                "trainer/semantics/item_text.py)")
     negatives_per_example: int = setting(
         10, "shared sampled negatives = this x batch size (ComiRec)", cli=False)
+    # A training-speed candidate (docs/results.md, "Training time"); 0 keeps every position.
+    score_positions: int = setting(
+        0, "every-position backbones (sasrec, transformer-sa): score only the last N positions "
+           "of each training window (0: every position)")
     max_epochs: int = setting(40, "maximum epochs", flag="--epochs")
     # Early stopping counts evaluations.
     eval_every: int = setting(0, "validate every this many optimiser steps (0: three times "
@@ -177,6 +181,9 @@ class TrainConfig:
         if self.folds and (self.folds < 3 or not 0 <= self.fold < self.folds):
             raise ValueError(f"fold {self.fold} of {self.folds}: need folds >= 3 and "
                              "0 <= fold < folds")
+        if self.score_positions < 0:
+            raise ValueError(f"score_positions must be >= 0 (0 = every position), got "
+                             f"{self.score_positions}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0 = three times an epoch), got "
                              f"{self.eval_every}")

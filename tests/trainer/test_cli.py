@@ -210,6 +210,7 @@ CONFIG_FLAGS = {
     "--esim-labels", "--esim-alpha", "--esim-beta", "--esim-tau", "--esim-matching",
     "--esim-level", "--esim-crowds", "--esim-crowd-items", "--esim-merge-threshold",
     "--esim-batch-users",
+    "--score-positions",  # issue 21 (a training-speed candidate, off by default)
 }
 OTHER_TRAIN_FLAGS = {
     "-h", "--help", "--dataset", "--data", "--items", "--format", "--synthetic", "--run-dir",

@@ -48,6 +48,7 @@ class SASRec(MultiInterestEncoder):
     def __init__(self, n_items: int, cfg: TrainConfig) -> None:
         super().__init__(n_items, cfg)
         self.num_interests = 1
+        self.score_positions = cfg.score_positions  # 0: every position is a training target
         self.position = nn.Parameter(torch.empty(cfg.maxlen, cfg.dim))
         nn.init.xavier_uniform_(self.position)
         self.blocks = nn.ModuleList(CausalBlock(cfg.dim, self.dropout)
@@ -78,15 +79,19 @@ class SASRec(MultiInterestEncoder):
         """Every position predicts the item that follows it: the history shifted by one, then
         the target. Padding positions are left out."""
         hidden, _ = self.sequence(item_ids)  # [B, L, d]
-        following, keep = next_items(item_ids, targets)
+        following, keep = next_items(item_ids, targets, self.score_positions)
         with record_function("score"):  # the scoring, apart from the encoder (profiles)
             return self.softmax_loss(hidden[keep], following[keep], negatives)
 
 
-def next_items(item_ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+def next_items(item_ids: Tensor, targets: Tensor, last: int = 0) -> tuple[Tensor, Tensor]:
     """The item after every history position [B, L] (the history shifted by one, then the
-    target), and which positions are real items (not padding) [B, L]."""
-    return torch.cat([item_ids[:, 1:], targets[:, None]], dim=1), item_ids != 0
+    target), and which positions are trained [B, L]: real items (not padding), and with
+    `last` > 0 only the last `last` positions of the window."""
+    keep = item_ids != 0
+    if 0 < last < item_ids.shape[1]:
+        keep[:, : item_ids.shape[1] - last] = False
+    return torch.cat([item_ids[:, 1:], targets[:, None]], dim=1), keep
 
 
 class TransformerSA(SASRec):
@@ -134,5 +139,5 @@ class TransformerSA(SASRec):
 
     def loss(self, item_ids: Tensor, targets: Tensor, negatives: Negatives | None = None) -> Tensor:
         interests, _ = self.interests_at_every_position(item_ids)
-        following, keep = next_items(item_ids, targets)
+        following, keep = next_items(item_ids, targets, self.score_positions)
         return self.interest_softmax_loss(interests[keep], following[keep], negatives)

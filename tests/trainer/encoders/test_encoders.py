@@ -181,3 +181,32 @@ def test_transformer_sa_has_causal_interests_at_every_position_and_serves_the_la
     following = torch.tensor([4, 5, 6, 7])
     logits = torch.einsum("pkd,nd->pkn", a[0, 2:], model.item_vectors()).amax(1)
     assert torch.allclose(loss, F.cross_entropy(logits, following - 1), atol=1e-5)
+
+
+def test_next_items_scores_only_the_last_positions_when_asked():
+    from trainer.encoders.transformer import next_items
+
+    ids = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]])
+    targets = torch.tensor([6, 7])
+    following, every = next_items(ids, targets)
+    assert following.tolist() == [[0, 3, 4, 5, 6], [2, 3, 4, 5, 7]]
+    assert every.tolist() == [[False, False, True, True, True], [True] * 5]
+    _, last_two = next_items(ids, targets, last=2)
+    assert last_two.tolist() == [[False, False, False, True, True],
+                                 [False, False, False, True, True]]
+    assert next_items(ids, targets, last=5)[1].tolist() == every.tolist()  # the whole window
+
+
+def test_score_positions_changes_the_loss_only_when_set():
+    ids = torch.randint(1, 50, (8, 20))
+    targets = torch.randint(1, 50, (8,))
+    losses = {}
+    for last in (0, 20, 5):
+        torch.manual_seed(0)
+        model = build_encoder(50, TrainConfig(dim=8, score_positions=last, loss="full"))
+        model.eval()
+        losses[last] = model.loss(ids, targets).item()
+    assert losses[0] == losses[20]  # every position either way
+    assert losses[5] != losses[0]
+    with pytest.raises(ValueError, match="score_positions"):
+        TrainConfig(score_positions=-1)
