@@ -31,6 +31,11 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("recall@20", "recall@50", "ndcg@50")
+# Interest measures per user (trainer/training/interests.py), in per_user.json's "interests".
+DISTINCTNESS = ("interest_cosine", "effective_interests", "distinct_items@50", "head_overlap",
+                "served_interests@20")
+MINORITY = ("minority_recall@50", "dominant_recall@50")
+DISPERSION = "history_dispersion"
 MOSTPOP = "mostpop"
 
 
@@ -80,11 +85,14 @@ def load(results: dict[str, list[Path]] | dict[str, list[list[Path]]]
                     for metric in METRICS:
                         values.setdefault(MOSTPOP, {}).setdefault(metric, [[]])[0].extend(
                             data["mostpop"][metric])
-                for metric in METRICS:
+                measures = {**data["model"], **data.get("interests", {})}
+                for metric in (*METRICS, *DISTINCTNESS, *MINORITY, DISPERSION):
+                    if metric not in measures:
+                        continue
                     rows = values.setdefault(name, {}).setdefault(metric, [])
                     while len(rows) <= s:
                         rows.append([])
-                    rows[s].extend(data["model"][metric])
+                    rows[s].extend(np.nan if v is None else v for v in measures[metric])
     arrays = {name: {m: (np.asarray(v) if nested and name != MOSTPOP else np.asarray(v[0]))
                      for m, v in metrics.items()} for name, metrics in values.items()}
     for name, metrics in arrays.items():
@@ -119,18 +127,47 @@ def runs_and_users_interval(diff: np.ndarray, folds: np.ndarray, resamples: int 
     return float(low), float(high)
 
 
-def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], folds: np.ndarray) -> dict:
+def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], folds: np.ndarray,
+            metrics: tuple[str, ...] = METRICS) -> dict:
     """A - B per user (per seed and user with several seeds; MostPop is seed-free and
-    broadcasts): the mean, an interval that resamples runs and users, and fold wins."""
+    broadcasts): the mean, an interval that resamples runs and users, and fold wins. Users
+    without a value (NaN: no minority target) are left out of that metric."""
     out = {}
-    for metric in METRICS:
+    for metric in metrics:
+        if metric not in a or metric not in b:
+            continue
         diff = np.atleast_2d(a[metric]) - np.atleast_2d(b[metric])  # [S, U]
-        low, high = runs_and_users_interval(diff, folds)
-        per_fold = [float(diff[:, folds == f].mean()) for f in np.unique(folds)]
+        has = ~np.isnan(diff).any(axis=0)
+        diff, folds_of = diff[:, has], folds[has]
+        low, high = runs_and_users_interval(diff, folds_of)
+        per_fold = [float(diff[:, folds_of == f].mean()) for f in np.unique(folds_of)]
         out[metric] = {"mean_difference": float(diff.mean()), "interval_95": [low, high],
                        "excludes_zero": bool(low > 0 or high < 0),
                        "wins": int(sum(d > 0 for d in per_fold)), "folds": len(per_fold),
-                       "seeds": int(diff.shape[0])}
+                       "seeds": int(diff.shape[0]), "users": int(has.sum())}
+    return out
+
+
+def interest_summary(arrays: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+    """Per variant: the mean of every interest measure, and Recall@50 by tercile of how
+    dispersed the user's history is over the model-free item clusters (the terciles are the
+    users', the same for every variant)."""
+    dispersion = next((v[DISPERSION] for v in arrays.values() if DISPERSION in v), None)
+    edges = None
+    if dispersion is not None:
+        flat = np.atleast_2d(dispersion)[0]
+        edges = np.quantile(flat, [1 / 3, 2 / 3])
+        tercile = np.digitize(flat, edges)
+    out = {}
+    for name, values in arrays.items():
+        row = {m: float(np.nanmean(values[m])) for m in (*DISTINCTNESS, *MINORITY)
+               if m in values}
+        if edges is not None:
+            recall = np.atleast_2d(values["recall@50"])
+            for t, label in enumerate(("low", "mid", "high")):
+                row[f"recall@50_dispersion_{label}"] = float(recall[:, tercile == t].mean())
+        if row:
+            out[name] = row
     return out
 
 
@@ -172,12 +209,26 @@ def markdown(summary: dict) -> str:
                  f"{r['interval_95'][1]:+.4f}] {r['wins']}/{r['folds']}"
                  for r in (result[m] for m in METRICS)]
         lines.append(f"| {pair} | " + " | ".join(cells) + " |")
-    lines += ["", "| variant | train s (min-max) | steps | s/step | best step | after best | "
-              "load 1m |", "|---|---|---|---|---|---|---|"]
 
     def cell(value: float | None, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
+    interests = summary.get("interests") or {}
+    columns = sorted({c for row in interests.values() for c in row},
+                     key=lambda c: (c not in DISTINCTNESS, c))
+    if columns:
+        lines += ["", "| variant | " + " | ".join(columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        lines += [f"| {name} | " + " | ".join(cell(row.get(c), ".4f") for c in columns) + " |"
+                  for name, row in interests.items()]
+    for pair, result in (summary.get("minority_pairs") or {}).items():
+        cells = [f"{m} {r['mean_difference']:+.4f} [{r['interval_95'][0]:+.4f}, "
+                 f"{r['interval_95'][1]:+.4f}] {r['wins']}/{r['folds']} ({r['users']} users)"
+                 for m, r in result.items()]
+        if cells:
+            lines.append(f"\n{pair}: " + "; ".join(cells))
+    lines += ["", "| variant | train s (min-max) | steps | s/step | best step | after best | "
+              "load 1m |", "|---|---|---|---|---|---|---|"]
     for name, t in summary["train_time"].items():
         if t is None:
             continue
@@ -228,6 +279,9 @@ def main() -> None:
                        for name in variants},
         "pairs": {f"{a} vs {b}": compare(arrays[a], arrays[b], folds)
                   for a, b in itertools.combinations(arrays, 2)},
+        "interests": interest_summary(arrays),
+        "minority_pairs": {f"{a} vs {b}": compare(arrays[a], arrays[b], folds, MINORITY)
+                           for a, b in itertools.combinations(arrays, 2)},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

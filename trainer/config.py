@@ -20,6 +20,7 @@ LLMBackend = Literal["local", "openai", "metadata", "oracle"]
 MatchingRule = Literal["attention", "similarity"]
 # docs/architecture.md, "ESIM levels"
 EsimLevel = Literal["individual", "crowd", "dual"]
+LRSchedule = Literal["constant", "cosine"]
 
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 SINGLE_INTEREST_BACKBONES = ("sasrec",)  # K is 1 whatever --interests says
@@ -81,6 +82,9 @@ class TrainConfig:
     maxlen: int = setting(20, "history items the encoder sees (the most recent)")
     # ComiRec uses 1e-3; 5e-3 wins on validation here (README)
     lr: float = setting(5e-3, "learning rate (Adam)")
+    # A training-speed candidate (docs/results.md, "Training time").
+    lr_schedule: LRSchedule = setting(
+        "constant", "constant, or cosine: decay from --lr to a hundredth of it over --epochs")
     batch_size: int = setting(128, "training examples per step")
     loss: Loss = setting("auto", f"auto: a full softmax up to {FULL_SOFTMAX_MAX_ITEMS} items, a "
                                  "sampled softmax with logQ correction above")

@@ -123,3 +123,37 @@ def test_load_and_compare_with_seeds(folds, tmp_path):
     assert result["mean_difference"] == pytest.approx(1.0) and result["seeds"] == 2
     assert folds.run_dir_of(tmp_path, "x", 1, 2, seeds=2) == tmp_path / "x" / "seed-1" / "fold-2"
     assert folds.run_dir_of(tmp_path, "x", 0, 2, seeds=1) == tmp_path / "x" / "fold-2"
+
+
+def test_interest_measures_are_loaded_summarised_and_minority_pairs_skip_missing(folds, tmp_path):
+    def write(name, fold, recall, minority, cosine, dispersion):
+        path = tmp_path / name / f"fold-{fold}" / "per_user.json"
+        path.parent.mkdir(parents=True)
+        n = len(recall)
+        path.write_text(json.dumps({
+            "users": [f"u{fold}-{i}" for i in range(n)],
+            "model": {m: recall for m in folds.METRICS},
+            "mostpop": {m: [0.0] * n for m in folds.METRICS},
+            "interests": {"interest_cosine": cosine, "minority_recall@50": minority,
+                          "dominant_recall@50": recall, "history_dispersion": dispersion}}))
+        return path
+
+    results = {
+        "a": [write("a", 0, [1.0, 0.0, 0.5], [1.0, None, 0.0], [0.9, 0.9, 0.9], [0.1, 0.5, 0.9])],
+        "b": [write("b", 0, [0.0, 0.0, 0.5], [0.0, None, 0.0], [0.2, 0.4, 0.6], [0.1, 0.5, 0.9])],
+    }
+    _, fold_of, arrays = folds.load(results)
+    assert np.isnan(arrays["a"]["minority_recall@50"][1])
+    summary = folds.interest_summary(arrays)
+    assert summary["a"]["interest_cosine"] == pytest.approx(0.9)
+    assert summary["b"]["interest_cosine"] == pytest.approx(0.4)
+    assert summary["a"]["minority_recall@50"] == pytest.approx(0.5)  # the user with none left out
+    # terciles of dispersion: one user each; a's low-dispersion user has recall 1
+    assert summary["a"]["recall@50_dispersion_low"] == 1.0
+    assert summary["b"]["recall@50_dispersion_low"] == 0.0
+    pair = folds.compare(arrays["a"], arrays["b"], fold_of, folds.MINORITY)
+    assert pair["minority_recall@50"]["users"] == 2
+    assert pair["minority_recall@50"]["mean_difference"] == pytest.approx(0.5)
+    table = folds.markdown({"means": {}, "pairs": {}, "train_time": {}, "interests": summary,
+                            "minority_pairs": {"a vs b": pair}})
+    assert "interest_cosine" in table and "(2 users)" in table

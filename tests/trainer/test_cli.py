@@ -211,6 +211,7 @@ CONFIG_FLAGS = {
     "--esim-level", "--esim-crowds", "--esim-crowd-items", "--esim-merge-threshold",
     "--esim-batch-users",
     "--score-positions",  # issue 21 (a training-speed candidate, off by default)
+    "--lr-schedule",  # issue 21 (a training-speed candidate, constant by default)
 }
 OTHER_TRAIN_FLAGS = {
     "-h", "--help", "--dataset", "--data", "--items", "--format", "--synthetic", "--run-dir",

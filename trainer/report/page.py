@@ -105,6 +105,19 @@ def metrics_table(run: Run) -> str:
                  [[n, *(values.get(n) for _, values in columns)] for n in names])
 
 
+def distinctness_section(run: Run) -> str:
+    """The K interests: distinct, or copies of one? (trainer/training/interests.py)."""
+    measures = run.metrics.get("distinctness")
+    if not measures:
+        return ""
+    return ("<h2>Interests (test users)</h2><p>Mean pairwise cosine of a user's interests (1: "
+            "copies), effective interests (1 to K), the share of distinct items in the K "
+            "per-interest top-50 lists, head overlap, the interests the merged top-20 is "
+            "drawn from, and Recall@50 on test items outside / inside the user's dominant "
+            "(model-free) item cluster.</p>"
+            + table(["measure", "value"], [[k, v] for k, v in measures.items()]))
+
+
 def curve_table(run: Run) -> str:
     keys = list(dict.fromkeys(k for p in run.curve for k in p))
     best = next((i for i, p in enumerate(run.curve) if p["step"] == run.train["best_step"]),
@@ -216,6 +229,7 @@ def render_html(run: Run, sizes: Sequence[InterestSize], png: bytes) -> str:
         "<details><summary>Every evaluation (curve.json)</summary>", curve_table(run),
         "</details>",
         "<h2>Final metrics</h2>", metrics_table(run),
+        distinctness_section(run),
     ]
     if run.esim:
         body.append(esim_section(run, sizes))

@@ -42,6 +42,8 @@ EVALS_PER_EPOCH = 3
 # How often (steps) the progress bar's total and postfix are refreshed between evaluations.
 PROGRESS_EVERY = 20
 STOP_REASONS = ("max_epochs", "early_stopping", "time_limit")
+# Where the cosine learning-rate schedule ends, as a share of --lr.
+MIN_LR_FACTOR = 0.01
 
 
 def selection_cutoff(n_items: int) -> int:
@@ -88,6 +90,15 @@ def uses_full_softmax(model: MultiInterestEncoder, n_items: int) -> bool:
     if model.every_position and model.num_interests > 1:
         return False
     return n_items <= FULL_SOFTMAX_MAX_ITEMS
+
+
+def lr_factor(schedule: str, max_steps: int) -> Callable[[int], float]:
+    """The learning rate's multiplier after `step` optimiser steps: 1, or a cosine from 1 down
+    to MIN_LR_FACTOR at `max_steps` (the epoch budget)."""
+    if schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * 0.5 * (
+        1 + math.cos(math.pi * min(step, max_steps) / max_steps))
 
 
 class LogUniformSampler:
@@ -197,6 +208,10 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                                        lr=cfg.lr)]
     valid = dataset.eval_split("valid", cfg.maxlen)
     world = distributed.world_size()
+    steps_per_epoch = math.ceil(len(users) / cfg.batch_size)
+    max_steps = steps_per_epoch * cfg.max_epochs
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor(cfg.lr_schedule, max_steps))
+                 for o in optimisers]
     distributed.check_batch_size(cfg.batch_size)
     if cfg.esim and world > 1:
         raise ValueError("ESIM is not supported with more than one training process")
@@ -207,14 +222,12 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
     if cfg.esim and esim_setup is None:
         raise ValueError("cfg.esim is set but no esim_setup was given")
     esim_objective, esim_report = None, None
-    steps_per_epoch = math.ceil(len(users) / cfg.batch_size)
     eval_every = cfg.eval_every or max(1, math.ceil(steps_per_epoch / EVALS_PER_EPOCH))
     esim_start = max(1, round(cfg.esim_warmup_epochs * steps_per_epoch)) if cfg.esim else None
     if esim_start is not None and esim_start > steps_per_epoch * cfg.max_epochs:
         raise ValueError(f"the ESIM warm-up ({cfg.esim_warmup_epochs} epochs) is longer than "
                          f"training ({cfg.max_epochs} epochs)")
     esim_parts: dict[str, float] = {}
-    max_steps = steps_per_epoch * cfg.max_epochs
     cutoff = selection_cutoff(dataset.n_items)
     metric = selection_metric(dataset.n_items)
     cutoffs = tuple(sorted({*CUTOFFS, cutoff}))  # the selection cut-off is evaluated too
@@ -292,6 +305,8 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                 with phases("optimiser"):
                     for optimiser in optimisers:
                         optimiser.step()
+                    for schedule in schedules:
+                        schedule.step()
                 step += 1
                 running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
                 bar.update(1)

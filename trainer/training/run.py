@@ -39,7 +39,13 @@ from trainer.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from trainer.training.evaluate import evaluate_encoder, most_popular, popular_rankings, rankings
+from trainer.training.evaluate import (
+    evaluate_encoder,
+    most_popular,
+    popular_rankings,
+    rankings,
+)
+from trainer.training.interests import item_clusters, minority_recall, per_user_distinctness
 from trainer.training.loop import evaluate_model, model_search, train
 from trainer.training.metrics import CUTOFFS, per_user_metrics
 
@@ -152,7 +158,9 @@ def train_run(cfg: TrainConfig, spec: dict[str, Any], *, run_dir: Path | None = 
     }
     save_checkpoint(run_dir / "checkpoint.pt", cfg, spec, dataset, result.model, result.naming)
     (run_dir / "curve.json").write_text(json.dumps(result.curve, indent=1))
-    write_per_user(run_dir / "per_user.json", dataset, test, result.model)
+    per_user = write_per_user(run_dir / "per_user.json", dataset, test, result.model)
+    report["distinctness"] = {name: round(float(np.nanmean(values)), 4)
+                              for name, values in per_user["interests"].items()}
     report["run_dir"] = str(run_dir)
     if publish is not None:
         bundle = publish(result.model, dataset, cfg, spec, bundle_metrics(report),
@@ -193,20 +201,41 @@ def evaluate_checkpoint(path: Path, which: str) -> dict[str, Any]:
     }
 
 
+def interest_measures(dataset: SequenceDataset, split: EvalSplit, model: MultiInterestEncoder,
+                      ranked: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per user: how distinct the K interests are and how the merged list serves them, and
+    recall on targets outside the dominant (model-free) interest (trainer/training/interests.py)."""
+    encode, search = model_search(model)
+    with torch.no_grad():
+        encoded = model.encode(torch.from_numpy(split.histories))
+    measures = per_user_distinctness(encoded.interests.numpy(), search, encoded.weights.numpy())
+    labels = item_clusters(dataset.flat, dataset.offsets, dataset.train_users, dataset.n_items)
+    if labels is not None:
+        measures |= minority_recall(ranked, split.histories, split.targets, labels)
+    return measures
+
+
 def write_per_user(path: Path, dataset: SequenceDataset, split: EvalSplit,
-                   model: torch.nn.Module) -> None:
-    """Each test user's metrics (model and MostPop), keyed by external user id: what a
-    paired comparison of two models over the same users needs (benchmarks/folds.py)."""
+                   model: MultiInterestEncoder) -> dict[str, Any]:
+    """Each test user's metrics (model and MostPop) and interest measures, keyed by external
+    user id: what a paired comparison of two models over the same users needs
+    (benchmarks/folds.py). Returns what it wrote, as arrays."""
     ranked = rankings(*model_search(model), split, max(CUTOFFS))
 
-    def lists(values: dict[str, np.ndarray]) -> dict[str, list[float]]:
-        return {name: column.round(6).tolist() for name, column in values.items()}
+    def lists(values: dict[str, np.ndarray]) -> dict[str, list[float | None]]:
+        # NaN (a measure a user has no value for) is written as null
+        return {name: [None if np.isnan(v) else v for v in column.round(6).tolist()]
+                for name, column in values.items()}
 
-    path.write_text(json.dumps({
+    written = {
         "users": dataset.user_ids[split.users].astype(str).tolist(),
-        "model": lists(per_user_metrics(ranked, split.targets)),
-        "mostpop": lists(per_user_metrics(popular_rankings(dataset, split), split.targets)),
-    }))
+        "model": per_user_metrics(ranked, split.targets),
+        "mostpop": per_user_metrics(popular_rankings(dataset, split), split.targets),
+        "interests": interest_measures(dataset, split, model, ranked),
+    }
+    path.write_text(json.dumps({key: value if key == "users" else lists(value)
+                                for key, value in written.items()}))
+    return written
 
 
 def bundle_metrics(report: dict[str, Any]) -> dict[str, Any]:

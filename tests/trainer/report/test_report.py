@@ -72,6 +72,11 @@ def test_report_draws_the_curves_metrics_and_interests(esim_run, capsys):
     for split in ("valid", "test", "mostpop"):
         for value in metrics[split].values():
             assert f"<td>{value:.4f}</td>" in page
+    assert "<h2>Interests (test users)</h2>" in page
+    distinct = metrics["distinctness"]
+    assert 0 < distinct["effective_interests"] <= metrics["interests"]
+    assert all(f"<td>{name}</td><td>{value:.4f}</td>" in page
+               for name, value in distinct.items())
     curve = json.loads((esim_run / "curve.json").read_text())
     assert curve and all(f"<td>{p['step']}</td><td>{p['loss']:.4f}</td>" in page for p in curve)
 

@@ -8,9 +8,11 @@ from trainer.data.dataset import build_dataset
 from trainer.data.specs import load_spec
 from trainer.data.synthetic import make_synthetic
 from trainer.training.loop import (
+    MIN_LR_FACTOR,
     SELECTION_METRIC,
     early_stop_step,
     evaluate_model,
+    lr_factor,
     projected_total_steps,
     selection_cutoff,
     train,
@@ -44,6 +46,24 @@ def test_early_stopping_restores_the_best_evaluation(small):
     cutoffs = (20, 50, selection_cutoff(small.n_items))
     again = evaluate_model(result.model, small.eval_split("valid", cfg.maxlen), cutoffs)
     assert again[metric] == pytest.approx(result.best_valid[metric])
+
+
+def test_cosine_schedule_decays_from_the_rate_to_its_floor_at_the_epoch_budget():
+    assert lr_factor("constant", 100)(73) == 1.0
+    cosine = lr_factor("cosine", 100)
+    assert cosine(0) == 1.0
+    assert cosine(50) == pytest.approx((1 + MIN_LR_FACTOR) / 2)
+    assert cosine(100) == pytest.approx(MIN_LR_FACTOR) and cosine(150) == cosine(100)
+    assert all(cosine(s) > cosine(s + 1) for s in range(100))
+
+
+def test_cosine_schedule_reaches_the_optimisers(small):
+    """A cosine run differs from a constant one with the same seed (the schedule is applied)."""
+    cfg = dict(max_epochs=2, eval_every=50, patience=100, dim=16, seed=0)
+    constant = train(small, TrainConfig(**cfg), progress=False).model.state_dict()
+    cosine = train(small, TrainConfig(lr_schedule="cosine", **cfg), progress=False)
+    assert cosine.stopped_by == "max_epochs"
+    assert not all(torch.equal(constant[k], v) for k, v in cosine.model.state_dict().items())
 
 
 def test_phase_seconds_account_for_the_training_time(small):
