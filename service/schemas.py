@@ -54,6 +54,9 @@ class RecommendRequest(Body):
     use_stored_history: bool = Field(True, description="read the user's history from the store")
     exclude: list[Id] = Field(default_factory=list)
     exclude_seen: bool = Field(False, description="drop items in the history from the results")
+    diversity: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "0: the K interests' items merged by score; up to 1: places go to interests not yet "
+        "represented in the list at the cost of score (ignored with ADAPTIVE_INTERESTS)"))
 
 
 class RecommendedItem(BaseModel):

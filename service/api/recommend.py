@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends
 
@@ -57,11 +58,13 @@ async def recommend(body: RecommendRequest, state: State) -> RecommendResponse:
                         extra={"error": str(exc)})
     history = stored + (body.history or [])
     exclude = body.exclude + (history if body.exclude_seen else [])
+    shaping = (replace(state.shaping, diversity=body.diversity) if body.diversity
+               else state.shaping)
     if state.batcher is None:  # BATCH_MAX_SIZE=1: computed alone, on the event loop
-        result = model.recommend(history, k, exclude, settings.per_interest_fanout, state.shaping)
+        result = model.recommend(history, k, exclude, settings.per_interest_fanout, shaping)
     else:  # shares one encoder run and one search with concurrent requests, off the loop
         result = await state.batcher.recommend(model, history, k, exclude,
-                                               settings.per_interest_fanout, state.shaping)
+                                               settings.per_interest_fanout, shaping)
 
     # The middleware's X-Request-ID, so that the body and the header agree.
     request_id = request_id_var.get() or uuid.uuid4().hex

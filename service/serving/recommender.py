@@ -15,7 +15,7 @@ from service.serving.retrieval import (
     adapt_interests,
     interest_support,
     merge_by_share,
-    merge_interest_results,
+    merge_diverse,
 )
 
 
@@ -29,6 +29,9 @@ class Shaping:
     merge_cosine: float | None = None
     # Override of the bundle's calibrated naming threshold; None: the bundle's.
     min_name_confidence: float | None = None
+    # Per request: trade score for coverage of the interests (merge_diverse); 0: by score.
+    # Adaptive interests set each interest's share themselves and ignore it.
+    diversity: float = 0.0
 
 
 DEFAULT_SHAPING = Shaping()
@@ -142,7 +145,8 @@ class Recommender:
         support = interest_support(interests, self.bundle.item_vectors[history - 1])
         cosine = query.shaping.merge_cosine
         if cosine is None:
-            ids, best, which = merge_interest_results(scores, rows, query.k, query.excluded)
+            ids, best, which = merge_diverse(scores, rows, query.k, query.shaping.diversity,
+                                             query.excluded)
             weights = support / max(int(support.sum()), 1)
             merged_into = np.arange(self.num_interests)
         else:

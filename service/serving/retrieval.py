@@ -114,3 +114,32 @@ def merge_by_share(scores: np.ndarray, ids: np.ndarray, n: int, weights: np.ndar
     which = np.array([k for _, k in taken.values()], dtype=np.int64)
     order = np.argsort(-best, kind="stable")
     return items[order], best[order], which[order]
+
+
+def merge_diverse(scores: np.ndarray, ids: np.ndarray, n: int, diversity: float,
+                  exclude: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`merge_interest_results` with a per-request trade of score for coverage of the
+    interests (ComiRec's controllable aggregation, with the interest an item came from as its
+    category). Greedily, each place goes to the candidate with the largest
+    score' - diversity * share, where score' is its score scaled to [0, 1] over the candidates
+    and share is the fraction of the places taken so far that its interest already holds. At
+    0 this is the merge by score; at 1 an interest that holds every place so far gives way to
+    any candidate of an unrepresented one. Returned best-first by that greedy order."""
+    ids_all, best, which = merge_interest_results(scores, ids, scores.size, exclude)
+    if diversity <= 0 or len(ids_all) == 0:
+        return ids_all[:n], best[:n], which[:n]
+    span = float(best[0] - best[-1]) or 1.0
+    scaled = (best - best[-1]) / span
+    held = np.zeros(scores.shape[0])
+    free = np.ones(len(ids_all), dtype=bool)
+    picked: list[int] = []
+    for t in range(min(n, len(ids_all))):
+        gain = scaled - diversity * (held[which] / max(t, 1))
+        gain[~free] = -np.inf
+        pick = int(np.argmax(gain))  # ties: the better-scored (earlier) candidate
+        picked.append(pick)
+        free[pick] = False
+        held[which[pick]] += 1
+    order = np.asarray(picked, dtype=np.int64)
+    return ids_all[order], best[order], which[order]

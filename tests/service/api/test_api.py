@@ -44,6 +44,26 @@ def test_exclude_seen_drops_the_history(client):
     assert not set(history) & {i["item_id"] for i in seen["items"]}
 
 
+def test_diversity_zero_answers_as_before_and_more_spreads_the_interests(client):
+    history = known_items(client, 12)
+    request = {"user_id": "u", "k": 20, "history": history}
+    plain = client.post("/recommend", json=request).json()
+    zero = client.post("/recommend", json={**request, "diversity": 0}).json()
+    spread = client.post("/recommend", json={**request, "diversity": 1}).json()
+
+    def answer(body):
+        return [(i["item_id"], i["score"], i["interest"]) for i in body["items"]]
+
+    assert answer(zero) == answer(plain)
+    assert len({i["item_id"] for i in spread["items"]}) == 20
+    counts = [s["items"] for s in spread["interests"]]
+    assert sum(counts) == 20
+    assert max(counts) <= max(s["items"] for s in plain["interests"])
+    assert sum(c > 0 for c in counts) >= sum(s["items"] > 0 for s in plain["interests"])
+    refused = client.post("/recommend", json={**request, "diversity": 1.5})
+    assert refused.status_code == 422 and "diversity" in refused.text
+
+
 def test_fallback_is_flagged_and_unknown_ids_counted(client):
     body = client.post("/recommend", json={"user_id": "new", "k": 5,
                                            "history": ["no-such-item", "nor-this"]}).json()
