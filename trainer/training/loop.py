@@ -283,7 +283,9 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                         count = cfg.negatives_per_example * cfg.batch_size
                         negatives = sampler.sample(count, generator)
                 if step == esim_start:
-                    with phases("esim_setup"):
+                    # ESIM's set-up (k-means, the sentence encoder's construction) draws from
+                    # its own stream: the loop's draws (dropout, negatives) are left as they were.
+                    with phases("esim_setup"), torch.random.fork_rng(devices=[]):
                         esim_objective, esim_report = esim_setup(model)
                         optimisers.append(
                             torch.optim.Adam(esim_objective.parameters(), lr=cfg.lr))
@@ -297,7 +299,10 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                     loss = objective(histories, targets, negatives)  # through DDP's forward
                     if esim_objective is not None:
                         aux, esim_parts = esim_objective.loss(model)
-                        loss = loss + aux
+                        # At zero weights the terms are logged, not trained: even a zero
+                        # gradient would mark embedding rows for SparseAdam's lazy update.
+                        if cfg.esim_alpha or cfg.esim_beta:
+                            loss = loss + aux
                 with phases("backward"):
                     for optimiser in optimisers:
                         optimiser.zero_grad(set_to_none=True)

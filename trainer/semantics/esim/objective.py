@@ -64,6 +64,10 @@ Encode = Callable[[list[str]], np.ndarray]  # texts -> unit-length semantic embe
 # --- the auxiliary objective --------------------------------------------------------------------
 
 
+# ESIM's torch seed is the training seed plus this (the loop's stream is the seed itself).
+ESIM_SEED_OFFSET = 7919
+
+
 class EsimHeads(nn.Module):
     def __init__(self, dim: int, labels: int) -> None:
         super().__init__()
@@ -103,7 +107,12 @@ class EsimObjective:
         self.crowd_table = (self.crowd >= 0).nonzero()[:, 0]  # [Pc] prototype ids
         self.crowd_rank = torch.full((len(semantic),), -1, dtype=torch.long)
         self.crowd_rank[self.crowd_table] = torch.arange(len(self.crowd_table))
-        self.heads = EsimHeads(cfg.dim, n_labels)
+        # ESIM's own random streams (its heads' initialisation, its batches, its encoder
+        # passes' dropout), so that switching it on with zero weights leaves the encoder's
+        # training exactly as without it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + ESIM_SEED_OFFSET)
+            self.heads = EsimHeads(cfg.dim, n_labels)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def parameters(self):
@@ -169,7 +178,9 @@ class EsimObjective:
         local[users] = torch.arange(len(users))
         rows = (local[self.owner] >= 0).nonzero()[:, 0]
         owner = local[self.owner[rows]]
-        encoded = model.encode(self.histories[users])
+        with torch.random.fork_rng(devices=[]):  # dropout from ESIM's stream, not the loop's
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)))
+            encoded = model.encode(self.histories[users])
         interests = encoded.interests  # [B, K, d]
         match = self.match(interests, encoded.weights.detach(), rows, owner)
         z = F.normalize(self.heads.projection(interests[owner, match]), dim=-1)
