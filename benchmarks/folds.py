@@ -33,7 +33,8 @@ import numpy as np
 METRICS = ("recall@20", "recall@50", "ndcg@50")
 # Interest measures per user (trainer/training/interests.py), in per_user.json's "interests".
 DISTINCTNESS = ("interest_cosine", "effective_interests", "distinct_items@50", "head_overlap",
-                "served_interests@20")
+                "served_interests@20", "category_coverage@50", "intra_list_diversity@50",
+                "interest_purity@50", "topics_covered")
 MINORITY = ("minority_recall@50", "dominant_recall@50")
 DISPERSION = "history_dispersion"
 MOSTPOP = "mostpop"

@@ -90,15 +90,19 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=100)
     parser.add_argument("--skip-full", action="store_true", help="the profile only")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--score-positions", type=int, default=0,
+                        help="train on the last N positions of each window (0: every one)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    cfg = TrainConfig(seed=0, split_seed=0, threads=args.threads)
+    cfg = TrainConfig(seed=0, split_seed=0, threads=args.threads,
+                      score_positions=args.score_positions)
     dataset = build_dataset(load_spec({"dataset": args.dataset}), **cfg.split())
     report: dict[str, Any] = {
         "dataset": dataset.describe(), "config": {"backbone": cfg.backbone,
                                                   "interests": cfg.interests, "dim": cfg.dim,
-                                                  "batch_size": cfg.batch_size},
+                                                  "batch_size": cfg.batch_size,
+                                                  "score_positions": cfg.score_positions},
         "torch_threads": torch.get_num_threads(), "load_average_start": load_average(),
     }
     started = time.perf_counter()

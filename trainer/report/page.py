@@ -113,7 +113,8 @@ def distinctness_section(run: Run) -> str:
     return ("<h2>Interests (test users)</h2><p>Mean pairwise cosine of a user's interests (1: "
             "copies), effective interests (1 to K), the share of distinct items in the K "
             "per-interest top-50 lists, head overlap, the interests the merged top-20 is "
-            "drawn from, and Recall@50 on test items outside / inside the user's dominant "
+            "drawn from, category coverage, intra-list diversity and (one category per item) "
+            "purity, and Recall@50 on test items outside / inside the user's dominant "
             "(model-free) item cluster.</p>"
             + table(["measure", "value"], [[k, v] for k, v in measures.items()]))
 

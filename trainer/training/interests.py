@@ -169,3 +169,65 @@ def minority_recall(ranked: list[np.ndarray], histories: np.ndarray,
     return {f"minority_recall@{n}": np.asarray(minority, dtype=float),
             f"dominant_recall@{n}": np.asarray(dominant, dtype=float),
             "history_dispersion": np.asarray(dispersion)}
+
+
+# What users feel, by the items' categories (MovieLens genres "A|B", synthetic "topic-3").
+CATEGORY_SEPARATOR = "|"
+
+
+def category_sets(categories: np.ndarray) -> list[frozenset[str]]:
+    """Each internal id's set of categories (padding and unlabelled items: empty)."""
+    return [frozenset(c for c in str(value).split(CATEGORY_SEPARATOR) if c)
+            for value in categories]
+
+
+def category_measures(ranked: list[np.ndarray], rows: np.ndarray, histories: np.ndarray,
+                      categories: np.ndarray, n: int = DISTINCT_AT) -> dict[str, np.ndarray]:
+    """Per user, from the items' categories:
+
+    * category coverage: distinct categories in the merged top-n;
+    * intra-list diversity: mean over pairs of the top-n of 1 - Jaccard(categories);
+    * with one category per item (planted topics): interest purity, the share of each
+      interest's own top-n in its most common category (mean over interests), and topics
+      covered, how many of the categories in the user's history are some interest's majority.
+
+    `ranked`: merged top lists (internal ids); `rows` [U, K, m]: per-interest top rows (id - 1).
+    """
+    sets = category_sets(categories)
+    names = sorted(set().union(*sets))
+    single = all(len(s) <= 1 for s in sets)
+    column = {name: i for i, name in enumerate(names)}
+    onehot = np.zeros((len(sets), max(len(names), 1)), dtype=np.float32)
+    for item, found in enumerate(sets):
+        onehot[item, [column[c] for c in found]] = 1.0
+    coverage, diversity, purity, covered = [], [], [], []
+    for u, top in enumerate(ranked):
+        top = np.asarray(top)[:n]
+        hot = onehot[top]
+        coverage.append(float(hot.any(axis=0).sum()))
+        inter = hot @ hot.T
+        sizes = hot.sum(axis=1)
+        union = sizes[:, None] + sizes[None, :] - inter
+        jaccard = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        pairs = np.triu_indices(len(top), 1)
+        diversity.append(float((1 - jaccard[pairs]).mean()) if len(pairs[0]) else 0.0)
+        if single:
+            labels = onehot[rows[u, :, :n] + 1].argmax(axis=-1)  # [K, n]
+            labelled = onehot[rows[u, :, :n] + 1].any(axis=-1)
+            shares, majorities = [], set()
+            for k in range(rows.shape[1]):
+                mine = labels[k][labelled[k]]
+                if len(mine):
+                    counts = np.bincount(mine)
+                    shares.append(counts.max() / len(mine))
+                    majorities.add(int(counts.argmax()))
+            history = histories[u][histories[u] > 0]
+            own = {int(c) for c in onehot[history].argmax(axis=-1)[onehot[history].any(-1)]}
+            purity.append(float(np.mean(shares)) if shares else np.nan)
+            covered.append(float(len(majorities & own)))
+    out = {f"category_coverage@{n}": np.asarray(coverage),
+           f"intra_list_diversity@{n}": np.asarray(diversity)}
+    if single:
+        out[f"interest_purity@{n}"] = np.asarray(purity)
+        out["topics_covered"] = np.asarray(covered)
+    return out

@@ -45,7 +45,13 @@ from trainer.training.evaluate import (
     popular_rankings,
     rankings,
 )
-from trainer.training.interests import item_clusters, minority_recall, per_user_distinctness
+from trainer.training.interests import (
+    DISTINCT_AT,
+    category_measures,
+    item_clusters,
+    minority_recall,
+    per_user_distinctness,
+)
 from trainer.training.loop import evaluate_model, model_search, train
 from trainer.training.metrics import CUTOFFS, per_user_metrics
 
@@ -205,10 +211,15 @@ def interest_measures(dataset: SequenceDataset, split: EvalSplit, model: MultiIn
                       ranked: list[np.ndarray]) -> dict[str, np.ndarray]:
     """Per user: how distinct the K interests are and how the merged list serves them, and
     recall on targets outside the dominant (model-free) interest (trainer/training/interests.py)."""
-    encode, search = model_search(model)
+    _, search = model_search(model)
     with torch.no_grad():
         encoded = model.encode(torch.from_numpy(split.histories))
-    measures = per_user_distinctness(encoded.interests.numpy(), search, encoded.weights.numpy())
+    interests = encoded.interests.numpy()
+    measures = per_user_distinctness(interests, search, encoded.weights.numpy())
+    users, k, d = interests.shape
+    _, rows = search(interests.reshape(-1, d), DISTINCT_AT)
+    measures |= category_measures(ranked, rows.reshape(users, k, DISTINCT_AT), split.histories,
+                                  dataset.categories)
     labels = item_clusters(dataset.flat, dataset.offsets, dataset.train_users, dataset.n_items)
     if labels is not None:
         measures |= minority_recall(ranked, split.histories, split.targets, labels)

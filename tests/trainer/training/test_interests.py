@@ -7,6 +7,7 @@ import pytest
 
 from trainer.training.evaluate import exact_search
 from trainer.training.interests import (
+    category_measures,
     distinct_items,
     distinctness,
     dominant_cluster,
@@ -109,3 +110,24 @@ def test_minority_recall_splits_targets_by_the_dominant_cluster():
     assert out["history_dispersion"][0] == pytest.approx(1 / 3)
     # no history: every target is outside the (missing) dominant cluster
     assert out["minority_recall@2"][1] == 0.0 and np.isnan(out["dominant_recall@2"][1])
+
+
+def test_category_measures_on_planted_topics_and_on_multi_genre_items():
+    # items 1-6: topics a, a, a, b, b, c (one category each: planted topics)
+    categories = np.array(["", "topic-a", "topic-a", "topic-a", "topic-b", "topic-b", "topic-c"],
+                          dtype=object)
+    # interest 0's list is all topic a, interest 1's is two b and one a
+    rows = np.array([[[0, 1, 2], [3, 4, 0]]])  # rows = id - 1
+    history = np.array([[0, 1, 4, 6]])  # topics a, b, c
+    out = category_measures([np.array([1, 4, 6])], rows, history, categories, n=3)
+    assert out["category_coverage@3"].tolist() == [3.0]
+    assert out["intra_list_diversity@3"].tolist() == [1.0]  # no two share a topic
+    assert out["interest_purity@3"][0] == pytest.approx((1 + 2 / 3) / 2)
+    assert out["topics_covered"].tolist() == [2.0]  # a and b are majorities; c is not
+    # multi-genre items: Jaccard distances, no purity
+    genres = np.array(["", "A|B", "A|B", "C"], dtype=object)
+    multi = category_measures([np.array([1, 2, 3])], np.array([[[0, 1, 2]]]),
+                              np.array([[1, 2]]), genres, n=3)
+    assert multi["category_coverage@3"].tolist() == [3.0]
+    assert multi["intra_list_diversity@3"][0] == pytest.approx((0 + 1 + 1) / 3)
+    assert "interest_purity@3" not in multi
