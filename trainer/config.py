@@ -92,6 +92,10 @@ class TrainConfig:
         "max", "how the K interests score an item in training: max = the best interest's "
                "score, as retrieval merges (default); argmax = ComiRec's readout of the "
                "interest closest to the target")
+    # An interest-distinctness candidate (issue 22; docs/results.md): 0 keeps the max loss alone.
+    argmax_weight: float = setting(
+        0.0, "with --interest-loss max: add this x ComiRec's argmax loss (the interest closest "
+             "to the target scores the negatives alone), which lets interests specialise")
     item_text: bool = setting(
         False, "item vectors also see the items' titles and categories (MiniLM features, "
                "projected; folded into the item table at export; "

@@ -212,6 +212,7 @@ CONFIG_FLAGS = {
     "--esim-batch-users",
     "--score-positions",  # issue 21 (a training-speed candidate, off by default)
     "--lr-schedule",  # issue 21 (a training-speed candidate, constant by default)
+    "--argmax-weight",  # issue 22 (an interest-distinctness candidate, 0 by default)
 }
 OTHER_TRAIN_FLAGS = {
     "-h", "--help", "--dataset", "--data", "--items", "--format", "--synthetic", "--run-dir",

@@ -49,6 +49,7 @@ class MultiInterestEncoder(nn.Module):
         super().__init__()
         self.n_items, self.dim = n_items, cfg.dim
         self.interest_loss = cfg.interest_loss
+        self.argmax_weight = cfg.argmax_weight
         self.num_interests, self.maxlen = cfg.interests, cfg.maxlen
         self.item_embedding = nn.Embedding(n_items + 1, cfg.dim, padding_idx=0)
         nn.init.xavier_uniform_(self.item_embedding.weight)
@@ -112,15 +113,24 @@ class MultiInterestEncoder(nn.Module):
                                negatives: Negatives | None) -> Tensor:
         target_vec = self.embed_items(targets)
         if self.interest_loss == "argmax":
-            best = torch.einsum("pkd,pd->pk", interests, target_vec).argmax(dim=1)
-            return self.softmax_loss(interests[torch.arange(len(targets)), best], targets,
-                                     negatives)
+            return self._argmax_loss(interests, target_vec, targets, negatives)
         if negatives is None:
-            return F.cross_entropy(BestInterestScore.apply(interests, self.item_vectors()),
+            loss = F.cross_entropy(BestInterestScore.apply(interests, self.item_vectors()),
                                    targets - 1)
-        pos = torch.einsum("pkd,pd->pk", interests, target_vec).amax(dim=1)
-        neg = BestInterestScore.apply(interests, self.embed_items(negatives.ids))
-        return self._sampled_loss(pos, neg, targets, negatives)
+        else:
+            pos = torch.einsum("pkd,pd->pk", interests, target_vec).amax(dim=1)
+            neg = BestInterestScore.apply(interests, self.embed_items(negatives.ids))
+            loss = self._sampled_loss(pos, neg, targets, negatives)
+        if self.argmax_weight:  # skipped at 0: the max loss alone, bit for bit
+            loss = loss + self.argmax_weight * self._argmax_loss(interests, target_vec, targets,
+                                                                 negatives)
+        return loss
+
+    def _argmax_loss(self, interests: Tensor, target_vec: Tensor, targets: Tensor,
+                     negatives: Negatives | None) -> Tensor:
+        """ComiRec's readout: the interest closest to the target is the user vector."""
+        best = torch.einsum("pkd,pd->pk", interests, target_vec).argmax(dim=1)
+        return self.softmax_loss(interests[torch.arange(len(targets)), best], targets, negatives)
 
     def softmax_loss(self, users: Tensor, wanted: Tensor, negatives: Negatives | None) -> Tensor:
         """Cross-entropy of user vectors [P, d] against their next items [P]: over the whole

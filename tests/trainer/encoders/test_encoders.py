@@ -11,10 +11,10 @@ from trainer.encoders.registry import build_encoder
 from trainer.training.loop import LogUniformSampler
 
 
-def make(backbone, n_items=30, k=3, d=8, maxlen=6, interest_loss="max"):
+def make(backbone, n_items=30, k=3, d=8, maxlen=6, interest_loss="max", **settings):
     torch.manual_seed(0)
     return build_encoder(n_items, TrainConfig(backbone=backbone, interests=k, dim=d, maxlen=maxlen,
-                                              interest_loss=interest_loss))
+                                              interest_loss=interest_loss, **settings))
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -65,6 +65,20 @@ def test_max_loss_scores_every_item_by_its_best_interest():
     # unlike argmax, a negative scored highly by another interest is punished
     argmax = make("comirec-sa", interest_loss="argmax").eval()
     assert model.loss(ids, targets) > argmax.loss(ids, targets)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_argmax_weight_adds_the_argmax_loss_to_the_max_loss(sampled):
+    ids, targets = torch.tensor([[0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6]]), torch.tensor([9, 7])
+    negatives = (LogUniformSampler(np.arange(31, 0, -1.0)).sample(12, torch.Generator()
+                                                                  .manual_seed(0))
+                 if sampled else None)
+    losses = {}
+    for name, kwargs in {"max": {}, "argmax": {"interest_loss": "argmax"},
+                         "zero": {"argmax_weight": 0.0}, "mixed": {"argmax_weight": 0.5}}.items():
+        losses[name] = make("transformer-sa", **kwargs).eval().loss(ids, targets, negatives)
+    assert torch.equal(losses["zero"], losses["max"])
+    assert torch.allclose(losses["mixed"], losses["max"] + 0.5 * losses["argmax"])
 
 
 def test_best_interest_score_matches_amax_values_and_gradients():
