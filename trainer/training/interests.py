@@ -38,8 +38,8 @@ def pairwise_cosine(interests: np.ndarray) -> np.ndarray:
     """Each user's mean cosine over the K (K-1)/2 pairs of interests [U, K, d] -> [U]."""
     unit = _unit(interests)
     k = interests.shape[1]
-    if k < 2:
-        return np.ones(len(interests))
+    if k < 2:  # no pair: undefined for a single-interest model
+        return np.full(len(interests), np.nan)
     gram = np.einsum("ukd,ujd->ukj", unit, unit)
     upper = np.triu_indices(k, 1)
     return gram[:, upper[0], upper[1]].mean(axis=1)
@@ -56,6 +56,8 @@ def effective_interests(interests: np.ndarray) -> np.ndarray:
 def distinct_items(rows: np.ndarray) -> np.ndarray:
     """rows [U, K, n] per-interest top-n item rows -> share of the K * n that are distinct."""
     users, k, n = rows.shape
+    if k < 2:  # one list is trivially all distinct
+        return np.full(users, np.nan)
     return np.array([len(np.unique(rows[u])) / (k * n) for u in range(users)])
 
 
@@ -63,7 +65,7 @@ def head_overlap(weights: np.ndarray) -> np.ndarray:
     """weights [U, K, L] attention of each head over the history -> mean pairwise overlap [U]."""
     k = weights.shape[1]
     if k < 2:
-        return np.ones(len(weights))
+        return np.full(len(weights), np.nan)
     pairs = [np.minimum(weights[:, i], weights[:, j]).sum(axis=1)
              for i, j in combinations(range(k), 2)]
     return np.mean(pairs, axis=0)

@@ -165,8 +165,7 @@ def train_run(cfg: TrainConfig, spec: dict[str, Any], *, run_dir: Path | None = 
     save_checkpoint(run_dir / "checkpoint.pt", cfg, spec, dataset, result.model, result.naming)
     (run_dir / "curve.json").write_text(json.dumps(result.curve, indent=1))
     per_user = write_per_user(run_dir / "per_user.json", dataset, test, result.model)
-    report["distinctness"] = {name: round(float(np.nanmean(values)), 4)
-                              for name, values in per_user["interests"].items()}
+    report["distinctness"] = mean_measures(per_user["interests"])
     report["run_dir"] = str(run_dir)
     if publish is not None:
         bundle = publish(result.model, dataset, cfg, spec, bundle_metrics(report),
@@ -224,6 +223,16 @@ def interest_measures(dataset: SequenceDataset, split: EvalSplit, model: MultiIn
     if labels is not None:
         measures |= minority_recall(ranked, split.histories, split.targets, labels)
     return measures
+
+
+def mean_measures(measures: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """Means over the users that have a value; None where none has (a single interest has
+    no pairs)."""
+    means = {}
+    for name, values in measures.items():
+        known = values[~np.isnan(values)]
+        means[name] = round(float(known.mean()), 4) if len(known) else None
+    return means
 
 
 def write_per_user(path: Path, dataset: SequenceDataset, split: EvalSplit,

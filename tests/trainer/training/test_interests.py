@@ -34,6 +34,13 @@ def test_identical_interests_are_one_and_orthogonal_ones_are_k():
     assert effective_interests(two) == pytest.approx([2.0])
 
 
+def test_pair_measures_are_undefined_for_one_interest():
+    one = np.random.default_rng(0).normal(size=(3, 1, 8))
+    assert np.isnan(pairwise_cosine(one)).all() and effective_interests(one) == pytest.approx(1.0)
+    assert np.isnan(distinct_items(np.arange(6).reshape(2, 1, 3))).all()
+    assert np.isnan(head_overlap(np.ones((2, 1, 5)) / 5)).all()
+
+
 def test_distinct_items_counts_the_union_of_the_per_interest_lists():
     same = np.array([[[1, 2, 3], [1, 2, 3]]])
     apart = np.array([[[1, 2, 3], [4, 5, 6]]])
