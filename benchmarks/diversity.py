@@ -23,6 +23,8 @@ import torch
 from service.serving.retrieval import merge_diverse
 from trainer.config import TrainConfig
 from trainer.training.checkpoint import load_checkpoint
+from trainer.training.evaluate import exact_search
+from trainer.training.interests import search_interests, source_diversity
 from trainer.training.metrics import per_user_metrics
 
 SETTINGS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -40,19 +42,15 @@ def run_curve(run_dir: Path, settings: tuple[float, ...]) -> dict[float, dict[st
         interests = model(torch.from_numpy(split.histories)).numpy()
         items = model.item_vectors().numpy()
     users, k, _ = interests.shape
-    scores = interests @ items.T  # [U, K, N]: exact, as the evaluation's flat index
-    rows = np.argsort(-scores, axis=2, kind="stable")[:, :, :PER_INTEREST]
-    top = np.take_along_axis(scores, rows, axis=2)
+    top, rows = search_interests(interests, exact_search(items), PER_INTEREST)
     out = {}
     for setting in settings:
         ranked, effective, held = [], [], []
         for u in range(users):
             ids, _, which = merge_diverse(top[u], rows[u], PER_INTEREST, setting)
             ranked.append(ids + 1)
-            share = np.bincount(which[:SERVED], minlength=k) / SERVED
-            share = share[share > 0]
-            effective.append(float(np.exp(-(share * np.log(share)).sum())))
-            held.append(len(share))
+            effective.append(source_diversity(which[:SERVED], k))
+            held.append(len(np.unique(which[:SERVED])))
         metrics = per_user_metrics(ranked, split.targets)
         out[setting] = {"recall@20": metrics["recall@20"], "recall@50": metrics["recall@50"],
                         f"served_interests@{SERVED}": np.asarray(effective),

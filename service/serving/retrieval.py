@@ -126,9 +126,11 @@ def merge_diverse(scores: np.ndarray, ids: np.ndarray, n: int, diversity: float,
     and share is the fraction of the places taken so far that its interest already holds. At
     0 this is the merge by score; at 1 an interest that holds every place so far gives way to
     any candidate of an unrepresented one. Returned best-first by that greedy order."""
+    if diversity <= 0:
+        return merge_interest_results(scores, ids, n, exclude)
     ids_all, best, which = merge_interest_results(scores, ids, scores.size, exclude)
-    if diversity <= 0 or len(ids_all) == 0:
-        return ids_all[:n], best[:n], which[:n]
+    if len(ids_all) == 0:
+        return ids_all, best, which
     span = float(best[0] - best[-1]) or 1.0
     scaled = (best - best[-1]) / span
     held = np.zeros(scores.shape[0])

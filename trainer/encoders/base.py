@@ -111,25 +111,25 @@ class MultiInterestEncoder(nn.Module):
 
     def _interest_softmax_loss(self, interests: Tensor, targets: Tensor,
                                negatives: Negatives | None) -> Tensor:
-        target_vec = self.embed_items(targets)
+        target_scores = torch.einsum("pkd,pd->pk", interests, self.embed_items(targets))
         if self.interest_loss == "argmax":
-            return self._argmax_loss(interests, target_vec, targets, negatives)
+            return self._argmax_loss(interests, target_scores, targets, negatives)
         if negatives is None:
             loss = F.cross_entropy(BestInterestScore.apply(interests, self.item_vectors()),
                                    targets - 1)
         else:
-            pos = torch.einsum("pkd,pd->pk", interests, target_vec).amax(dim=1)
             neg = BestInterestScore.apply(interests, self.embed_items(negatives.ids))
-            loss = self._sampled_loss(pos, neg, targets, negatives)
+            loss = self._sampled_loss(target_scores.amax(dim=1), neg, targets, negatives)
         if self.argmax_weight:  # skipped at 0: the max loss alone, bit for bit
-            loss = loss + self.argmax_weight * self._argmax_loss(interests, target_vec, targets,
-                                                                 negatives)
+            loss = loss + self.argmax_weight * self._argmax_loss(interests, target_scores,
+                                                                 targets, negatives)
         return loss
 
-    def _argmax_loss(self, interests: Tensor, target_vec: Tensor, targets: Tensor,
+    def _argmax_loss(self, interests: Tensor, target_scores: Tensor, targets: Tensor,
                      negatives: Negatives | None) -> Tensor:
-        """ComiRec's readout: the interest closest to the target is the user vector."""
-        best = torch.einsum("pkd,pd->pk", interests, target_vec).argmax(dim=1)
+        """ComiRec's readout: the interest closest to the target ([P, K] scores) is the user
+        vector."""
+        best = target_scores.argmax(dim=1)
         return self.softmax_loss(interests[torch.arange(len(targets)), best], targets, negatives)
 
     def softmax_loss(self, users: Tensor, wanted: Tensor, negatives: Negatives | None) -> Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 from service.serving.retrieval import merge_interest_results
 from trainer.training.evaluate import Search
 
-# The per-interest list length of "distinct items" and the served-list length.
+# The per-interest list length of "distinct items" and the served-list length (at most it).
 DISTINCT_AT = 50
 SERVED_AT = 20
 
@@ -71,24 +71,31 @@ def head_overlap(weights: np.ndarray) -> np.ndarray:
     return np.mean(pairs, axis=0)
 
 
+def source_diversity(sources: np.ndarray, k: int) -> float:
+    """exp(entropy) of which of the k interests a list's items came from (1 to k)."""
+    share = np.bincount(sources, minlength=k) / max(len(sources), 1)
+    share = share[share > 0]
+    return float(np.exp(-(share * np.log(share)).sum()))
+
+
 def served_effective_interests(scores: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
-    """exp(entropy) of the source interests of each user's merged top-n [U]."""
-    out = np.empty(len(scores))
-    for u in range(len(scores)):
-        _, _, sources = merge_interest_results(scores[u], rows[u], n)
-        share = np.bincount(sources, minlength=scores.shape[1]) / max(len(sources), 1)
-        share = share[share > 0]
-        out[u] = float(np.exp(-(share * np.log(share)).sum()))
-    return out
+    """`source_diversity` of each user's merged top-n [U]."""
+    return np.array([source_diversity(merge_interest_results(scores[u], rows[u], n)[2],
+                                      scores.shape[1]) for u in range(len(scores))])
 
 
-def per_user_distinctness(interests: np.ndarray, search: Search,
-                          weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Every measure above for every user, keyed by name."""
+def search_interests(interests: np.ndarray, search: Search, n: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Each interest's top n: (scores, rows) [U, K, n], one search for all U * K."""
     users, k, d = interests.shape
-    n = max(DISTINCT_AT, SERVED_AT)
     scores, rows = search(interests.reshape(-1, d), n)
-    scores, rows = scores.reshape(users, k, n), rows.reshape(users, k, n)
+    return scores.reshape(users, k, n), rows.reshape(users, k, n)
+
+
+def per_user_distinctness(interests: np.ndarray, scores: np.ndarray, rows: np.ndarray,
+                          weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every measure above for every user, keyed by name; `scores`, `rows` [U, K, n >=
+    DISTINCT_AT] are the interests' search results (`search_interests`)."""
     out = {
         "interest_cosine": pairwise_cosine(interests),
         "effective_interests": effective_interests(interests),
@@ -103,8 +110,9 @@ def per_user_distinctness(interests: np.ndarray, search: Search,
 def distinctness(interests: np.ndarray, search: Search,
                  weights: np.ndarray | None = None) -> dict[str, float]:
     """Means over users of `per_user_distinctness`."""
-    return {name: round(float(values.mean()), 4)
-            for name, values in per_user_distinctness(interests, search, weights).items()}
+    scores, rows = search_interests(interests, search, DISTINCT_AT)
+    return {name: round(float(values.mean()), 4) for name, values
+            in per_user_distinctness(interests, scores, rows, weights).items()}
 
 
 # Minority-interest recall: "interest" without any trained encoder. Items are clustered once per

@@ -40,6 +40,7 @@ from trainer.training.checkpoint import (
     save_checkpoint,
 )
 from trainer.training.evaluate import (
+    Search,
     evaluate_encoder,
     most_popular,
     popular_rankings,
@@ -51,6 +52,7 @@ from trainer.training.interests import (
     item_clusters,
     minority_recall,
     per_user_distinctness,
+    search_interests,
 )
 from trainer.training.loop import evaluate_model, model_search, train
 from trainer.training.metrics import CUTOFFS, per_user_metrics
@@ -207,18 +209,16 @@ def evaluate_checkpoint(path: Path, which: str) -> dict[str, Any]:
 
 
 def interest_measures(dataset: SequenceDataset, split: EvalSplit, model: MultiInterestEncoder,
-                      ranked: list[np.ndarray]) -> dict[str, np.ndarray]:
+                      search: Search, ranked: list[np.ndarray]) -> dict[str, np.ndarray]:
     """Per user: how distinct the K interests are and how the merged list serves them, and
-    recall on targets outside the dominant (model-free) interest (trainer/training/interests.py)."""
-    _, search = model_search(model)
+    recall on targets outside the dominant (model-free) interest (trainer/training/interests.py).
+    `search`: the model's item search; `ranked`: the users' merged top lists."""
     with torch.no_grad():
         encoded = model.encode(torch.from_numpy(split.histories))
     interests = encoded.interests.numpy()
-    measures = per_user_distinctness(interests, search, encoded.weights.numpy())
-    users, k, d = interests.shape
-    _, rows = search(interests.reshape(-1, d), DISTINCT_AT)
-    measures |= category_measures(ranked, rows.reshape(users, k, DISTINCT_AT), split.histories,
-                                  dataset.categories)
+    scores, rows = search_interests(interests, search, DISTINCT_AT)
+    measures = per_user_distinctness(interests, scores, rows, encoded.weights.numpy())
+    measures |= category_measures(ranked, rows, split.histories, dataset.categories)
     labels = item_clusters(dataset.flat, dataset.offsets, dataset.train_users, dataset.n_items)
     if labels is not None:
         measures |= minority_recall(ranked, split.histories, split.targets, labels)
@@ -240,7 +240,8 @@ def write_per_user(path: Path, dataset: SequenceDataset, split: EvalSplit,
     """Each test user's metrics (model and MostPop) and interest measures, keyed by external
     user id: what a paired comparison of two models over the same users needs
     (benchmarks/folds.py). Returns what it wrote, as arrays."""
-    ranked = rankings(*model_search(model), split, max(CUTOFFS))
+    encode, search = model_search(model)
+    ranked = rankings(encode, search, split, max(CUTOFFS))
 
     def lists(values: dict[str, np.ndarray]) -> dict[str, list[float | None]]:
         # NaN (a measure a user has no value for) is written as null
@@ -251,7 +252,7 @@ def write_per_user(path: Path, dataset: SequenceDataset, split: EvalSplit,
         "users": dataset.user_ids[split.users].astype(str).tolist(),
         "model": per_user_metrics(ranked, split.targets),
         "mostpop": per_user_metrics(popular_rankings(dataset, split), split.targets),
-        "interests": interest_measures(dataset, split, model, ranked),
+        "interests": interest_measures(dataset, split, model, search, ranked),
     }
     path.write_text(json.dumps({key: value if key == "users" else lists(value)
                                 for key, value in written.items()}))
