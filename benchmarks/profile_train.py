@@ -22,12 +22,12 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from trainer.config import TrainConfig
+from trainer.config import ScoreDtype, TrainConfig
 from trainer.data.dataset import build_dataset
 from trainer.data.specs import load_spec
 from trainer.training.loop import train
@@ -92,17 +92,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--score-positions", type=int, default=0,
                         help="train on the last N positions of each window (0: every one)")
+    parser.add_argument("--score-dtype", choices=get_args(ScoreDtype), default="float32",
+                        help="precision of the loss's scoring products")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
     cfg = TrainConfig(seed=0, split_seed=0, threads=args.threads,
-                      score_positions=args.score_positions)
+                      score_positions=args.score_positions, score_dtype=args.score_dtype)
     dataset = build_dataset(load_spec({"dataset": args.dataset}), **cfg.split())
     report: dict[str, Any] = {
         "dataset": dataset.describe(), "config": {"backbone": cfg.backbone,
                                                   "interests": cfg.interests, "dim": cfg.dim,
                                                   "batch_size": cfg.batch_size,
-                                                  "score_positions": cfg.score_positions},
+                                                  "score_positions": cfg.score_positions,
+                                                  "score_dtype": cfg.score_dtype},
         "torch_threads": torch.get_num_threads(), "load_average_start": load_average(),
     }
     started = time.perf_counter()

@@ -21,6 +21,7 @@ MatchingRule = Literal["attention", "similarity"]
 # docs/architecture.md, "ESIM levels"
 EsimLevel = Literal["individual", "crowd", "dual"]
 LRSchedule = Literal["constant", "cosine"]
+ScoreDtype = Literal["float32", "bfloat16"]  # of the training loss's scoring products
 
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 SINGLE_INTEREST_BACKBONES = ("sasrec",)  # K is 1 whatever --interests says
@@ -102,6 +103,10 @@ class TrainConfig:
                "trainer/semantics/item_text.py)")
     negatives_per_example: int = setting(
         10, "shared sampled negatives = this x batch size (ComiRec)", cli=False)
+    # A training-speed candidate (docs/results.md, "Training time").
+    score_dtype: ScoreDtype = setting(
+        "float32", "precision of the loss's products of interests x negatives (or catalogue): "
+                   "bfloat16 is faster on CPUs with AVX512-BF16 or AMX; scores stay float32")
     # A training-speed candidate (docs/results.md, "Training time"); 0 keeps every position.
     score_positions: int = setting(
         0, "every-position backbones (sasrec, transformer-sa): score only the last N positions "

@@ -213,6 +213,7 @@ CONFIG_FLAGS = {
     "--score-positions",  # issue 21 (a training-speed candidate, off by default)
     "--lr-schedule",  # issue 21 (a training-speed candidate, constant by default)
     "--argmax-weight",  # issue 22 (an interest-distinctness candidate, 0 by default)
+    "--score-dtype",  # issue 21 (float32 by default; bfloat16 a training-speed candidate)
 }
 OTHER_TRAIN_FLAGS = {
     "-h", "--help", "--dataset", "--data", "--items", "--format", "--synthetic", "--run-dir",

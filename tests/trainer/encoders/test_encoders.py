@@ -97,6 +97,47 @@ def test_best_interest_score_matches_amax_values_and_gradients():
     assert torch.allclose(items.grad, expected[1], atol=1e-5)
 
 
+def test_best_interest_score_gives_a_tie_to_the_first_interest_only():
+    # amax would split a tied score's gradient; the max loss trains one winner per score.
+    interests = torch.randn(3, 1, 4).repeat(1, 3, 1).requires_grad_()
+    items = torch.randn(5, 4)
+    BestInterestScore.apply(interests, items).sum().backward()
+    assert torch.allclose(interests.grad[:, 0], torch.ones(3, 5) @ items)
+    assert torch.count_nonzero(interests.grad[:, 1:]) == 0
+
+
+def test_best_interest_score_in_bfloat16_is_close_to_float32():
+    torch.manual_seed(2)
+    interests = torch.randn(64, 4, 16, requires_grad=True)
+    items = torch.randn(50, 16, requires_grad=True)
+    weights = torch.randn(64, 50)
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        interests.grad = items.grad = None
+        scores = BestInterestScore.apply(interests, items, dtype)
+        (scores * weights).sum().backward()
+        assert scores.dtype == interests.grad.dtype == items.grad.dtype == torch.float32
+        grads[dtype] = scores.detach(), interests.grad.clone(), items.grad.clone()
+    for exact, low in zip(grads[torch.float32], grads[torch.bfloat16], strict=True):
+        assert torch.linalg.norm(low - exact) < 0.05 * torch.linalg.norm(exact)
+        assert not torch.equal(low, exact)  # the products did run in bfloat16
+
+
+@pytest.mark.parametrize("backbone", ["transformer-sa", "sasrec"])
+def test_bfloat16_scoring_trains_the_same_loss_within_rounding(backbone):
+    ids, targets = torch.tensor([[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]), torch.tensor([9, 3])
+    negatives = Negatives(ids=torch.tensor([12, 13, 14, 15]), log_q=torch.zeros(4),
+                          log_q_table=torch.zeros(31))
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        model = make(backbone, score_dtype=dtype).eval()
+        losses[dtype] = model.loss(ids, targets, negatives)
+        losses[dtype].backward()
+        assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    assert torch.isclose(losses["bfloat16"], losses["float32"], rtol=0.02)
+
+
 @pytest.mark.parametrize("interest_loss", ["argmax", "max"])
 def test_sampled_softmax_applies_logq_and_masks_accidental_hits(interest_loss):
     model = make("comirec-sa", interest_loss=interest_loss).eval()
