@@ -111,6 +111,12 @@ class TrainConfig:
     score_positions: int = setting(
         0, "every-position backbones (sasrec, transformer-sa): score only the last N positions "
            "of each training window (0: every position)")
+    # An interest-distinctness and recall candidate (docs/results.md, issue 22): 1 keeps
+    # next-item training.
+    target_horizon: int = setting(
+        1, "every-position backbones: each position learns an item drawn uniformly from the "
+           "next H of its sequence (1: the next item), as evaluation asks for the user's "
+           "future items, not only the next one")
     max_epochs: int = setting(40, "maximum epochs", flag="--epochs")
     # Early stopping counts evaluations.
     eval_every: int = setting(0, "validate every this many optimiser steps (0: three times "
@@ -194,6 +200,9 @@ class TrainConfig:
         if self.folds and (self.folds < 3 or not 0 <= self.fold < self.folds):
             raise ValueError(f"fold {self.fold} of {self.folds}: need folds >= 3 and "
                              "0 <= fold < folds")
+        if self.target_horizon < 1:
+            raise ValueError(f"target_horizon must be >= 1 (1 = the next item), got "
+                             f"{self.target_horizon}")
         if self.score_positions < 0:
             raise ValueError(f"score_positions must be >= 0 (0 = every position), got "
                              f"{self.score_positions}")

@@ -214,6 +214,7 @@ CONFIG_FLAGS = {
     "--lr-schedule",  # issue 21 (a training-speed candidate, constant by default)
     "--argmax-weight",  # issue 22 (an interest-distinctness candidate, 0 by default)
     "--score-dtype",  # issue 21 (float32 by default; bfloat16 a training-speed candidate)
+    "--target-horizon",  # issue 22 (a candidate; 1, next-item training, by default)
 }
 OTHER_TRAIN_FLAGS = {
     "-h", "--help", "--dataset", "--data", "--items", "--format", "--synthetic", "--run-dir",

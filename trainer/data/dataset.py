@@ -105,6 +105,18 @@ class SequenceDataset:
         out = np.where(valid, self.flat[np.clip(index, 0, None)], 0)
         return out.astype(np.int64)
 
+    def future_targets(self, users: np.ndarray, ends: np.ndarray, maxlen: int, horizon: int,
+                       rng: np.random.Generator) -> np.ndarray:
+        """The training target of every position of the windows `histories` returns [B, L]:
+        an item drawn uniformly from the next `horizon` of the sequence (cut at its end);
+        0 under padding. horizon 1: the history shifted by one, then the item at `end`."""
+        starts, lengths = self.offsets[users], self.offsets[users + 1] - self.offsets[users]
+        position = ends[:, None] - maxlen + np.arange(maxlen)[None, :]  # in the sequence
+        ahead = 1 + rng.integers(0, horizon, position.shape) if horizon > 1 else 1
+        target = np.minimum(position + ahead, lengths[:, None] - 1)
+        out = np.where(position >= 0, self.flat[starts[:, None] + np.clip(target, 0, None)], 0)
+        return out.astype(np.int64)
+
     def eval_split(self, which: str, maxlen: int) -> EvalSplit:
         users = {"valid": self.valid_users, "test": self.test_users}[which]
         lengths = self.offsets[users + 1] - self.offsets[users]

@@ -85,12 +85,16 @@ class SASRec(MultiInterestEncoder):
 
 
 def next_items(item_ids: Tensor, targets: Tensor, last: int = 0) -> tuple[Tensor, Tensor]:
-    """The item after every history position [B, L] (the history shifted by one, then the
-    target), and which positions are trained [B, L]: real items (not padding), and with
-    `last` > 0 only the last `last` positions of the window."""
+    """The target of every history position [B, L], and which positions are trained [B, L]:
+    real items (not padding), and with `last` > 0 only the last `last` positions of the
+    window. `targets` [B] is the item after the window (each position's target is then the
+    item after it: the history shifted by one, then the target); [B, L] gives every
+    position's target (--target-horizon)."""
     keep = item_ids != 0
     if 0 < last < item_ids.shape[1]:
         keep[:, : item_ids.shape[1] - last] = False
+    if targets.dim() == 2:
+        return targets, keep
     return torch.cat([item_ids[:, 1:], targets[:, None]], dim=1), keep
 
 

@@ -277,7 +277,12 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                     batch = distributed.shard(order[lo : lo + cfg.batch_size])
                     histories = torch.from_numpy(
                         dataset.histories(users[batch], positions[batch], cfg.maxlen))
-                    targets = torch.from_numpy(targets_all[batch])
+                    if model.every_position and cfg.target_horizon > 1:  # [B, L]
+                        targets = torch.from_numpy(dataset.future_targets(
+                            users[batch], positions[batch], cfg.maxlen, cfg.target_horizon,
+                            rng))
+                    else:
+                        targets = torch.from_numpy(targets_all[batch])
                     negatives = None
                     if sampler is not None:
                         count = cfg.negatives_per_example * cfg.batch_size

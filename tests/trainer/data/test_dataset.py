@@ -78,6 +78,32 @@ def test_train_windows_cover_every_position_and_move_each_epoch():
             assert n - 1 in ends[users == u]  # the latest item is always a target
 
 
+def test_future_targets_draw_from_the_next_h_items_of_the_sequence():
+    ds = build_dataset(make_synthetic(n_users=50, n_items=60, n_topics=6, min_len=8, max_len=30))
+    maxlen = 5
+    users, ends = ds.train_windows(maxlen, np.random.default_rng(1))
+    histories = ds.histories(users, ends, maxlen)
+    rng = np.random.default_rng(0)
+    # horizon 1: the history shifted by one, then the item at `end` (next-item training)
+    nxt = ds.future_targets(users, ends, maxlen, 1, rng)
+    shifted = np.concatenate([histories[:, 1:], ds.flat[ds.offsets[users] + ends][:, None]], 1)
+    assert np.array_equal(nxt, np.where(histories != 0, shifted, 0))
+    horizon = 4
+    drawn = [ds.future_targets(users, ends, maxlen, horizon, rng) for _ in range(20)]
+    for row, (u, e) in enumerate(zip(users, ends, strict=True)):
+        seq = ds.sequence(u)
+        for j in range(maxlen):
+            at = e - maxlen + j
+            got = {int(d[row, j]) for d in drawn}
+            if at < 0:
+                assert got == {0}
+                continue
+            allowed = set(seq[at + 1 : min(at + horizon, len(seq) - 1) + 1].tolist())
+            assert got <= allowed and got
+    # the draws vary where there is more than one item ahead
+    assert any(not np.array_equal(drawn[0], d) for d in drawn[1:])
+
+
 def test_eval_split_uses_first_80_percent_as_history():
     ds = build_dataset(make_synthetic(n_users=50, n_items=60, n_topics=6, min_len=10, max_len=10))
     split = ds.eval_split("test", maxlen=5)
