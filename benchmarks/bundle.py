@@ -41,14 +41,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from index_sweep import FAMILIES, candidates, run_sweep, spec_from_point, write
 
 from service.bundle.load import load_bundle
-from trainer.config import TrainConfig
+from trainer.config import ScoreDtype, TrainConfig
 from trainer.data.dataset import SequenceDataset, build_dataset
 from trainer.data.loaders import load_movielens_small
 from trainer.data.synthetic import make_synthetic
@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--negatives", type=int, default=1, help="shared, per example")
     parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--score-dtype", choices=get_args(ScoreDtype), default="float32",
+                        help="precision of the loss's scoring products")
     # Validation Recall@50 peaked at about 0.85 epoch at 50k and 200k items (it then slowly
     # falls): two epochs at most, stopped three evaluations after the best.
     parser.add_argument("--epochs", type=int, default=2)
@@ -217,6 +219,7 @@ def main() -> None:
                           min_item_count=1,
                           max_minutes=args.train_minutes, batch_size=args.batch_size,
                           negatives_per_example=args.negatives, lr=args.lr,
+                          score_dtype=args.score_dtype,
                           threads=args.threads)
         sweep = None if args.no_sweep else {"families": args.families, "hnsw_m": args.hnsw_m,
                                             "out": args.sweep_out}

@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import BACKBONES, SINGLE_INTEREST_BACKBONES, TrainConfig
-from trainer.encoders.base import BestInterestScore, Negatives
+from trainer.encoders.base import (
+    EMBEDDING_INIT_ROWS,
+    BestInterestScore,
+    Negatives,
+    init_item_embeddings,
+)
 from trainer.encoders.registry import build_encoder
 from trainer.training.loop import LogUniformSampler
 
@@ -265,3 +270,17 @@ def test_score_positions_changes_the_loss_only_when_set():
     assert losses[5] != losses[0]
     with pytest.raises(ValueError, match="score_positions"):
         TrainConfig(score_positions=-1)
+
+
+def test_item_embedding_init_is_xavier_up_to_the_cap_and_stops_shrinking_beyond():
+    torch.manual_seed(0)
+    small = torch.empty(EMBEDDING_INIT_ROWS, 16)
+    init_item_embeddings(small)
+    torch.manual_seed(0)
+    assert torch.equal(small, torch.nn.init.xavier_uniform_(torch.empty_like(small)))
+    large = torch.empty(40 * EMBEDDING_INIT_ROWS, 16)
+    init_item_embeddings(large)
+    xavier_large = torch.nn.init.xavier_uniform_(torch.empty_like(large))
+    # the capped table keeps the cap's scale; plain xavier would be about 6x smaller here
+    assert abs(large.std() / small.std() - 1) < 0.05
+    assert large.std() > 5 * xavier_large.std()
