@@ -8,8 +8,10 @@ sampled negatives (`Negatives`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,22 @@ def init_item_embeddings(table: Tensor) -> None:
         table.uniform_(-bound, bound)
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; Linux flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_score_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return getattr(torch, name)
+
+
 @dataclass
 class Negatives:
     """Shared negatives of one batch with their log sampling probabilities (logQ)."""
@@ -71,7 +89,7 @@ class MultiInterestEncoder(nn.Module):
         self.n_items, self.dim = n_items, cfg.dim
         self.interest_loss = cfg.interest_loss
         self.argmax_weight = cfg.argmax_weight
-        self.score_dtype = getattr(torch, cfg.score_dtype)
+        self.score_dtype = resolve_score_dtype(cfg.score_dtype)
         self.num_interests, self.maxlen = cfg.interests, cfg.maxlen
         self.item_embedding = nn.Embedding(n_items + 1, cfg.dim, padding_idx=0)
         init_item_embeddings(self.item_embedding.weight)

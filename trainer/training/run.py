@@ -150,6 +150,8 @@ def train_run(cfg: TrainConfig, spec: dict[str, Any], *, run_dir: Path | None = 
         "valid": result.best_valid,
         "train": {
             "loss": result.loss_mode, "steps": result.steps, "epochs": round(result.epochs, 2),
+            # --score-dtype auto, resolved on this machine
+            "score_dtype": str(result.model.score_dtype).removeprefix("torch."),
             "best_step": result.best_step, "stopped_by": result.stopped_by,
             "selection_metric": result.selection_metric,
             "seconds": round(result.seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1),

@@ -17,6 +17,9 @@ from trainer.training.loop import LogUniformSampler
 
 
 def make(backbone, n_items=30, k=3, d=8, maxlen=6, interest_loss="max", **settings):
+    # float32 products unless a test asks: the losses are checked against formulas to 1e-5
+    # (bfloat16 has its own test).
+    settings.setdefault("score_dtype", "float32")
     torch.manual_seed(0)
     return build_encoder(n_items, TrainConfig(backbone=backbone, interests=k, dim=d, maxlen=maxlen,
                                               interest_loss=interest_loss, **settings))
@@ -284,3 +287,12 @@ def test_item_embedding_init_is_xavier_up_to_the_cap_and_stops_shrinking_beyond(
     # the capped table keeps the cap's scale; plain xavier would be about 6x smaller here
     assert abs(large.std() / small.std() - 1) < 0.05
     assert large.std() > 5 * xavier_large.std()
+
+
+def test_score_dtype_auto_follows_the_cpu(monkeypatch):
+    from trainer.encoders import base
+
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(base, "cpu_has_bf16", lambda native=native: native)
+        assert make("transformer-sa", score_dtype="auto").score_dtype == expected
+    assert make("transformer-sa", score_dtype="bfloat16").score_dtype == torch.bfloat16
