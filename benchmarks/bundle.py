@@ -11,10 +11,9 @@ never reach a top 50). The sweep runs on that model's item vectors and the inter
 held-out users; its fastest point with recall@50 >= 0.95 is what the bundle is published
 with (the manifest's `index` section records it; export's recall guard re-measures it).
 
-Full scale (run on an idle machine; about an hour on 2 cores: the embedded bundle 3 minutes,
-the 1M data 1, training 15-30 (capped at 30; 7,000 steps per epoch, validation Recall@50
-peaked near 0.85 epoch at 50k, 200k and 1M items), the index sweep 15-25, publishing with
-HNSW 3-5):
+Full scale (run on an idle machine; about 45 minutes on 2 cores: the embedded bundle 3
+minutes, the 1M data 1-2, training 14-18 (capped at 18; 3,776 steps of 128 windows per epoch,
+validation Recall@50 best near 1.3 epochs), the index sweep 15-25, publishing with HNSW 2-4):
 
     python benchmarks/bundle.py --keep /var/tmp/bench-store --sweep-out benchmarks/results/index \
         --out benchmarks/results/bundle.json
@@ -111,13 +110,14 @@ def measure(name: str, dataset: SequenceDataset, data_seconds: float, spec: dict
     extra: dict[str, Any] = {}
     if keep:
         save_histories(dataset, store / f"{name}.histories.json")
-    if sweep is not None:
-        model = result.model.eval()
-        with torch.no_grad():
-            vectors = model.item_vectors().numpy().astype(np.float32)
-        queries = encode_all(encode_numpy(model), held_out(dataset, cfg))  # [U, K, d]
+    queries = None
+    if sweep is not None or keep:  # kept: for a standalone benchmarks/index_sweep.py
+        queries = encode_all(encode_numpy(result.model.eval()), held_out(dataset, cfg))
         if keep:
-            np.save(store / f"{name}.queries.npy", queries)
+            np.save(store / f"{name}.queries.npy", queries)  # [U, K, d]
+    if sweep is not None and queries is not None:
+        with torch.no_grad():
+            vectors = result.model.item_vectors().numpy().astype(np.float32)
         started = time.perf_counter()
         swept = run_sweep(vectors, queries.reshape(-1, cfg.dim), cfg.interests,
                           cands=candidates(*vectors.shape, sweep["families"],
@@ -159,20 +159,22 @@ def main() -> None:
     parser.add_argument("--interactions", type=int, default=10_000_000)
     parser.add_argument("--zipf", type=float, default=1.0, help="popularity skew in a topic")
     parser.add_argument("--topic-size", type=int, default=TOPIC_SIZE)
-    # ComiRec-SA, one target per example: on this data it is far above MostPop within one
-    # epoch (200k items: 0.28 vs 0.017 after 0.4 epoch), where transformer-sa (every
-    # position) sat at MostPop's level for two epochs before it began to learn.
-    parser.add_argument("--backbone", default="comirec-sa")
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--negatives", type=int, default=1, help="shared, per example")
+    # The default backbone with its embedded-data batch (128 windows, 1,280 shared
+    # negatives): with the item table's capped initial scale it leaves MostPop's level within
+    # 1,000 steps at 1M items and passes ComiRec-SA (docs/results.md, "The default at a
+    # million items"). ComiRec-SA's recipe was --backbone comirec-sa --batch-size 1024
+    # --negatives 1 --epochs 2 (valid Recall@50 0.293 in 18 minutes).
+    parser.add_argument("--backbone", default="transformer-sa")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--negatives", type=int, default=10, help="shared, per example")
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--score-dtype", choices=get_args(ScoreDtype), default="float32",
+    parser.add_argument("--score-dtype", choices=get_args(ScoreDtype), default="auto",
                         help="precision of the loss's scoring products")
-    # Validation Recall@50 peaked at about 0.85 epoch at 50k and 200k items (it then slowly
-    # falls): two epochs at most, stopped three evaluations after the best.
+    # 1M items: validation Recall@50 peaked at step 5,000 of 128 windows (1.3 epochs) and then
+    # slowly fell: two epochs at most, stopped three evaluations after the best.
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--patience", type=int, default=3, help="evaluations")
-    parser.add_argument("--train-minutes", type=float, default=30.0)
+    parser.add_argument("--train-minutes", type=float, default=18.0)
     parser.add_argument("--eval-every", type=int, default=1000, help="optimiser steps")
     parser.add_argument("--valid-users", type=int, default=3000,
                         help="validation users evaluated (each evaluation is an exact search "
