@@ -31,7 +31,9 @@ GLOBAL_BATCH = 16
 # ranks' mean losses is the mean loss of the union batch. transformer-sa with sampled
 # negatives: the sparse embedding gradients and per-rank negatives.
 STEP_CONFIGS = {
-    "comirec-sa-full": TrainConfig(backbone="comirec-sa", dim=16, loss="full"),
+    # float32 products: the union-batch check below compares to 1e-6, finer than bfloat16.
+    "comirec-sa-full": TrainConfig(backbone="comirec-sa", dim=16, loss="full",
+                                   score_dtype="float32"),
     "transformer-sa-sampled": TrainConfig(backbone="transformer-sa", dim=16, loss="sampled",
                                           negatives_per_example=2),
 }
