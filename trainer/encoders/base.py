@@ -183,9 +183,8 @@ class MultiInterestEncoder(nn.Module):
                                   wanted, negatives)
 
     def _scores(self, users: Tensor, items: Tensor) -> Tensor:
-        """users [P, d] x items [N, d] -> float32 scores [P, N], the product in score_dtype."""
-        if self.score_dtype == torch.float32:
-            return users @ items.T
+        """users [P, d] x items [N, d] -> float32 scores [P, N], the product in score_dtype
+        (in float32 the casts are no-ops)."""
         return (users.to(self.score_dtype) @ items.to(self.score_dtype).T).float()
 
     @staticmethod
