@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from service.bundle.load import load_bundle
-from service.serving.recommender import Recommender
+from service.serving.recommender import InterestDetail, Recommender
 
 
 def paired_floor_ms(named: Recommender, unnamed: Recommender, histories: list[list[str]],
@@ -33,6 +33,12 @@ def paired_floor_ms(named: Recommender, unnamed: Recommender, histories: list[li
                 model.recommend(history, 20)
                 (on if model is named else off).append((time.perf_counter() - started) * 1000)
     return on, off
+
+
+def served_name_count(served_by: list[int | None], details: list[InterestDetail]) -> int:
+    """Different names among the interests that serve an item of the answer (None: the
+    popularity fallback, no interest)."""
+    return len({details[i].name for i in set(served_by) - {None}} - {None})
 
 
 def main() -> None:
@@ -69,10 +75,14 @@ def main() -> None:
     manifest = named.bundle.manifest
     dataset = dataset_for(manifest.data_spec, TrainConfig.from_dict(manifest.config),
                           manifest.dataset["fingerprint"], args.bundle)
-    shown = [d.name is not None for u in dataset.test_users
-             for d in named.recommend(dataset.item_ids[dataset.sequence(u)].tolist(),
-                                      20).interest_details]
+    answers = [named.recommend(dataset.item_ids[dataset.sequence(u)].tolist(), 20)
+               for u in dataset.test_users]
+    shown = [d.name is not None for a in answers for d in a.interest_details]
     result["named_share_test_users"] = float(np.mean(shown))
+    # Whether the names tell a user's interests apart: the names of the interests that serve
+    # at least one item of the top 20, two or more different ones.
+    result["two_names_share_test_users"] = float(np.mean(
+        [served_name_count(a.interests, a.interest_details) >= 2 for a in answers]))
     if args.user:
         user = int(np.flatnonzero(dataset.user_ids == args.user)[0])
         history = dataset.item_ids[dataset.sequence(user)].tolist()

@@ -117,11 +117,13 @@ async function load(chosen, click = null) {
   }
   const seq = ++state.seq; // a slower, older answer must not overwrite a newer one
   const k = Math.max(1, Math.min(200, parseInt($("k").value, 10) || 20));
+  const diversity = Math.max(0, Math.min(1, parseFloat($("diversity").value) || 0));
   setStatus(`loading ${user}\u2026`);
   try {
     const [history, rec] = await Promise.all([
       call("GET", historyPath(user)),
-      call("POST", "recommend", { user_id: user, k, exclude_seen: $("exclude-seen").checked }),
+      call("POST", "recommend", { user_id: user, k, exclude_seen: $("exclude-seen").checked,
+                                  diversity }),
     ]);
     if (seq !== state.seq) return;
     state.user = user;
@@ -356,8 +358,10 @@ function start() {
     load();
   });
   renderUserChoices();
-  // ?user=ID opens a user directly (a link to share).
-  const user = new URLSearchParams(location.search).get("user");
+  // ?user=ID opens a user directly (a link to share); &diversity=D sets the spread.
+  const params = new URLSearchParams(location.search);
+  const user = params.get("user");
+  if (params.has("diversity")) $("diversity").value = params.get("diversity");
   loadModel();
   loadAbReport();
   if (user) {

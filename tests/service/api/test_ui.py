@@ -240,8 +240,8 @@ def test_page_flow_in_headless_chromium(ui_models: tuple[Path, str], tmp_path: P
             httpx.Client(base_url=base, timeout=10, headers={"X-API-Key": API_KEY}) as api, \
             chrome(chromium, chromedriver, tmp_path) as driver:
 
-        def recommend(user: str) -> dict[str, Any]:  # the page's own request
-            body = {"user_id": user, "k": 20, "exclude_seen": True}
+        def recommend(user: str, diversity: float = 0.0) -> dict[str, Any]:  # the page's
+            body = {"user_id": user, "k": 20, "exclude_seen": True, "diversity": diversity}
             return api.post("/recommend", json=body).raise_for_status().json()
 
         def stored(user: str) -> list[str]:
@@ -330,6 +330,16 @@ def test_page_flow_in_headless_chromium(ui_models: tuple[Path, str], tmp_path: P
         assert clicked not in shown_after and shown_after != before  # exclude_seen
         assert [(g[0], g[2]) for g in after] == expected_groups(recommend("ui-user"))
         assert "recorded a click on" in driver.find_element("id", "status").text
+
+        # The diversity box goes into the request: the groups are the spread answer's.
+        box = driver.find_element("id", "diversity")
+        box.clear()
+        box.send_keys("1")
+        before_marker = loaded_marker(driver)
+        driver.find_element("id", "load").click()
+        wait_reload(driver, before_marker, "the page to reload with diversity 1")
+        assert [(g[0], g[2]) for g in shown_groups(driver)] == expected_groups(
+            recommend("ui-user", 1.0))
 
         # Both clicks carried their answer's request id: the A/B report counts them.
         if "request_id" in answer:
