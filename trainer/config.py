@@ -97,14 +97,6 @@ class TrainConfig:
     argmax_weight: float = setting(
         0.0, "with --interest-loss max: add this x ComiRec's argmax loss (the interest closest "
              "to the target scores the negatives alone), which lets interests specialise")
-    # An interest-distinctness candidate (issue 22): break the heads' symmetry with ComiRec's
-    # argmax loss first, then train with --interest-loss; 0 keeps the loss from the start.
-    argmax_warmup_epochs: float = setting(
-        0.0, "train with ComiRec's argmax loss for this many epochs (distinct interests), then "
-             "with --interest-loss; model selection restarts at the switch")
-    freeze_encoder_after_warmup: bool = setting(
-        False, "with --argmax-warmup-epochs: after the warm-up train the item embeddings alone "
-               "(the encoder keeps the warm-up's distinct interests)")
     item_text: bool = setting(
         False, "item vectors also see the items' titles and categories (MiniLM features, "
                "projected; folded into the item table at export; "

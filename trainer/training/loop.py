@@ -228,9 +228,6 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
         raise ValueError(f"the ESIM warm-up ({cfg.esim_warmup_epochs} epochs) is longer than "
                          f"training ({cfg.max_epochs} epochs)")
     esim_parts: dict[str, float] = {}
-    argmax_until = round(cfg.argmax_warmup_epochs * steps_per_epoch)
-    if argmax_until:
-        model.interest_loss = "argmax"
     cutoff = selection_cutoff(dataset.n_items)
     metric = selection_metric(dataset.n_items)
     cutoffs = tuple(sorted({*CUTOFFS, cutoff}))  # the selection cut-off is evaluated too
@@ -302,13 +299,6 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                     # The model must be chosen among ESIM-trained states, or ESIM could be a
                     # no-op.
                     best_metric, best_state, bad_evals, selected_step = -1.0, None, 0, None
-                if argmax_until and step == argmax_until:
-                    model.interest_loss = cfg.interest_loss
-                    if cfg.freeze_encoder_after_warmup:
-                        for name, parameter in model.named_parameters():
-                            parameter.requires_grad_(name == "item_embedding.weight")
-                    # The model is chosen among states trained with the configured loss.
-                    best_metric, best_state, bad_evals, selected_step = -1.0, None, 0, None
                 with phases("forward_loss"):
                     objective.train()
                     loss = objective(histories, targets, negatives)  # through DDP's forward
@@ -347,8 +337,7 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                         show_progress(loss=f"{running:.3f}",
                                       **{f"val_r{cutoff}": f"{metrics[metric]:.4f}"},
                                       best=f"{best_metric:.4f}")
-                    if (bad_evals >= cfg.patience and step > argmax_until
-                            and (esim_start is None or step > esim_start)):
+                    if bad_evals >= cfg.patience and (esim_start is None or step > esim_start):
                         stopped_by = "early_stopping"
                 elif progress and step % PROGRESS_EVERY == 0:
                     show_progress(loss=f"{running:.3f}", best=f"{max(best_metric, 0):.4f}")
