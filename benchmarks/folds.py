@@ -35,7 +35,9 @@ METRICS = ("recall@20", "recall@50", "ndcg@50")
 DISTINCTNESS = ("interest_cosine", "effective_interests", "distinct_items@50", "head_overlap",
                 "served_interests@20", "category_coverage@50", "intra_list_diversity@50",
                 "interest_purity@50", "topics_covered")
-MINORITY = ("minority_recall@50", "dominant_recall@50")
+# Recall@50 on subsets of a user's targets (NaN where the user has none): outside and inside
+# the dominant model-free interest, and rarely seen items (at most 5 training interactions).
+TARGET_SUBSETS = ("minority_recall@50", "dominant_recall@50", "tail_recall@50")
 DISPERSION = "history_dispersion"
 MOSTPOP = "mostpop"
 
@@ -87,7 +89,7 @@ def load(results: dict[str, list[Path]] | dict[str, list[list[Path]]]
                         values.setdefault(MOSTPOP, {}).setdefault(metric, [[]])[0].extend(
                             data["mostpop"][metric])
                 measures = {**data["model"], **data.get("interests", {})}
-                for metric in (*METRICS, *DISTINCTNESS, *MINORITY, DISPERSION):
+                for metric in (*METRICS, *DISTINCTNESS, *TARGET_SUBSETS, DISPERSION):
                     if metric not in measures:
                         continue
                     rows = values.setdefault(name, {}).setdefault(metric, [])
@@ -161,7 +163,7 @@ def interest_summary(arrays: dict[str, dict[str, np.ndarray]]) -> dict[str, dict
         tercile = np.digitize(flat, edges)
     out = {}
     for name, values in arrays.items():
-        row = {m: float(np.nanmean(values[m])) for m in (*DISTINCTNESS, *MINORITY)
+        row = {m: float(np.nanmean(values[m])) for m in (*DISTINCTNESS, *TARGET_SUBSETS)
                if m in values}
         if edges is not None:
             recall = np.atleast_2d(values["recall@50"])
@@ -281,7 +283,7 @@ def main() -> None:
         "pairs": {f"{a} vs {b}": compare(arrays[a], arrays[b], folds)
                   for a, b in itertools.combinations(arrays, 2)},
         "interests": interest_summary(arrays),
-        "minority_pairs": {f"{a} vs {b}": compare(arrays[a], arrays[b], folds, MINORITY)
+        "minority_pairs": {f"{a} vs {b}": compare(arrays[a], arrays[b], folds, TARGET_SUBSETS)
                            for a, b in itertools.combinations(arrays, 2)},
     }
     args.out.mkdir(parents=True, exist_ok=True)

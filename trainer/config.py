@@ -101,6 +101,10 @@ class TrainConfig:
         False, "item vectors also see the items' titles and categories (MiniLM features, "
                "projected; folded into the item table at export; "
                "trainer/semantics/item_text.py)")
+    # The control that tells a semantic gain from a regularisation effect (issue 23).
+    shuffle_item_text: bool = setting(
+        False, "with --item-text: a control; every item gets another item's text (a seeded "
+               "permutation), the same losses and features with the semantics broken")
     negatives_per_example: int = setting(
         10, "shared sampled negatives = this x batch size (ComiRec)", cli=False)
     # docs/results.md, "Training time": bfloat16 products, 0.72x the training time, no
@@ -133,9 +137,13 @@ class TrainConfig:
     # docs/architecture.md, "Evaluation protocol"
     folds: int = setting(0, "user-level cross-validation: N folds (0: the 80/10/10 split)")
     fold: int = setting(0, "with --folds: test on this fold, validate on the next (0..N-1)")
-    min_item_count: int = setting(5, "items with fewer interactions are dropped", cli=False)
+    # Sparse regimes (issue 23; docs/results.md): 1 or 2 keep the long tail ComiRec drops.
+    min_item_count: int = setting(5, "items with fewer interactions are dropped (ComiRec: 5)")
     min_user_count: int = setting(5, "users with fewer interactions (after the items' "
                                      "filter) are dropped", cli=False)
+    train_events: int = setting(
+        0, "training users keep only their first N events (0: all): sparse behaviour; "
+           "validation and test users are unchanged")
     threads: int = setting(0, "torch intra-op threads (0: torch's default)")
     # ESIM (docs/architecture.md, "ESIM: semantics in training"): training only, the exported
     # encoder is the same network.
@@ -218,7 +226,8 @@ class TrainConfig:
     def split(self) -> dict[str, int]:
         """The build_dataset arguments that fix the users' split and filtering."""
         return {"min_item_count": self.min_item_count, "min_user_count": self.min_user_count,
-                "split_seed": self.split_seed, "folds": self.folds, "fold": self.fold}
+                "split_seed": self.split_seed, "folds": self.folds, "fold": self.fold,
+                "train_events": self.train_events}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

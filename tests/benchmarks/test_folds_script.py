@@ -151,7 +151,7 @@ def test_interest_measures_are_loaded_summarised_and_minority_pairs_skip_missing
     # terciles of dispersion: one user each; a's low-dispersion user has recall 1
     assert summary["a"]["recall@50_dispersion_low"] == 1.0
     assert summary["b"]["recall@50_dispersion_low"] == 0.0
-    pair = folds.compare(arrays["a"], arrays["b"], fold_of, folds.MINORITY)
+    pair = folds.compare(arrays["a"], arrays["b"], fold_of, folds.TARGET_SUBSETS)
     assert pair["minority_recall@50"]["users"] == 2
     assert pair["minority_recall@50"]["mean_difference"] == pytest.approx(0.5)
     table = folds.markdown({"means": {}, "pairs": {}, "train_time": {}, "interests": summary,

@@ -213,15 +213,17 @@ CONFIG_FLAGS = {
     "--score-positions",  # issue 21 (a training-speed candidate, off by default)
     "--lr-schedule",  # issue 21 (a training-speed candidate, constant by default)
     "--argmax-weight",  # issue 22 (an interest-distinctness candidate, 0 by default)
-    "--score-dtype",  # issue 21 (float32 by default; bfloat16 a training-speed candidate)
+    "--score-dtype",  # issue 21 (auto by default: bfloat16 where the CPU has it)
     "--target-horizon",  # issue 22 (a candidate; 1, next-item training, by default)
+    "--min-item-count", "--train-events",  # issue 23: sparse regimes (5 and all by default)
+    "--shuffle-item-text",  # issue 23: the shuffled-label control of --item-text
 }
 OTHER_TRAIN_FLAGS = {
     "-h", "--help", "--dataset", "--data", "--items", "--format", "--synthetic", "--run-dir",
     "--llm-base-url", "--llm-model", "--llm-cache", "--out", "--name", "--index",
     "--if-missing", "--no-progress",
 }
-NOT_ON_CLI_FIELDS = {"negatives_per_example", "min_item_count", "min_user_count"}
+NOT_ON_CLI_FIELDS = {"negatives_per_example", "min_user_count"}
 
 
 def train_subparser():

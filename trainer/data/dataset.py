@@ -170,10 +170,13 @@ def split_users(n_users: int, seed: int, folds: int = 0, fold: int = 0
 
 def build_dataset(
     raw: RawData, *, min_item_count: int = 5, min_user_count: int = 5, split_seed: int = 0,
-    folds: int = 0, fold: int = 0,
+    folds: int = 0, fold: int = 0, train_events: int = 0,
 ) -> SequenceDataset:
     """ComiRec filtering (items >= 5, then users >= 5), id mapping, and the user split:
-    80/10/10, or fold `fold` of `folds`-fold cross-validation (`split_users`)."""
+    80/10/10, or fold `fold` of `folds`-fold cross-validation (`split_users`).
+    `train_events` > 0 keeps only the first that many events of every training user (a
+    sparse-behaviour regime; the filters count the whole data, so the catalogue and the
+    evaluated users are those of the full run)."""
     df = raw.interactions
     item_counts = df["item_id"].value_counts()
     df = df[df["item_id"].isin(item_counts.index[item_counts >= min_item_count])]
@@ -205,6 +208,9 @@ def build_dataset(
         years[1:] = meta["year"].to_numpy(dtype=float)
 
     train_users, valid_users, test_users = split_users(len(user_ext), split_seed, folds, fold)
+    flat = internal.astype(np.int64)
+    if train_events:
+        flat, offsets = cut_sequences(flat, offsets, train_users, train_events)
     return SequenceDataset(
         name=raw.name,
         source=raw.source,
@@ -214,7 +220,7 @@ def build_dataset(
         categories=categories,
         years=years,
         user_ids=np.asarray(user_ext, dtype=object),
-        flat=internal.astype(np.int64),
+        flat=flat,
         offsets=offsets,
         train_users=train_users,
         valid_users=valid_users,
@@ -223,6 +229,19 @@ def build_dataset(
         folds=folds,
         fold=fold,
     )
+
+
+def cut_sequences(flat: np.ndarray, offsets: np.ndarray, users: np.ndarray, keep: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(flat, offsets) with the sequences of `users` cut to their first `keep` items."""
+    if keep < 2:
+        raise DataError(f"train_events {keep}: a training user needs at least 2 events")
+    lengths = np.diff(offsets)
+    new_lengths = lengths.copy()
+    new_lengths[users] = np.minimum(lengths[users], keep)
+    position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
+    kept = position < np.repeat(new_lengths, lengths)
+    return flat[kept], np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int64)
 
 
 def _natural_key(value: str) -> tuple[int, int | str]:

@@ -66,3 +66,10 @@ def item_text_features(dataset: SequenceDataset, encoder: SentenceEncoder | None
         np.save(tmp, table)
         tmp.replace(path)  # atomic: a parallel fold never reads half a file
     return table
+
+
+def shuffled_rows(table: np.ndarray, seed: int) -> np.ndarray:
+    """The control for item text: rows 1..N permuted among the items (row 0, padding, kept),
+    from a stream of its own, so that the run's other draws are those of the real run."""
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(table) - 1) + 1
+    return np.concatenate([table[:1], table[order]])

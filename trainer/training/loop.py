@@ -184,9 +184,12 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
 
     model = build_encoder(dataset.n_items, cfg)
     if cfg.item_text:
-        from trainer.semantics.item_text import item_text_features
+        from trainer.semantics.item_text import item_text_features, shuffled_rows
 
-        model.item_text.copy_(torch.from_numpy(item_text_features(dataset)))
+        table = item_text_features(dataset)
+        if cfg.shuffle_item_text:
+            table = shuffled_rows(table, cfg.seed)
+        model.item_text.copy_(torch.from_numpy(table))
     if model.every_position:  # whole windows, borders moved every epoch
         users, positions = dataset.train_windows(cfg.maxlen)
     else:  # one example per (user, target position)

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 
 CUTOFFS = (20, 50)
+# A tail target: an item with at most this many interactions among the training users.
+TAIL_MAX_COUNT = 5
 
 
 def user_metrics(ranked: np.ndarray, targets: np.ndarray, n: int) -> tuple[float, float, float]:
@@ -49,3 +51,16 @@ def aggregate(
     """Mean of each metric over users, keyed like 'recall@50'."""
     return {name: float(values.mean())
             for name, values in per_user_metrics(ranked_lists, targets, cutoffs).items()}
+
+
+def tail_recall(ranked_lists: Sequence[np.ndarray], targets: Sequence[np.ndarray],
+                popularity: np.ndarray, n: int = 50,
+                max_count: int = TAIL_MAX_COUNT) -> dict[str, np.ndarray]:
+    """Per user: Recall@n on the targets with at most `max_count` training interactions
+    (`popularity`: counts per internal id), NaN for a user without such a target."""
+    out = []
+    for ranked, wanted in zip(ranked_lists, targets, strict=True):
+        wanted = np.asarray(wanted)
+        tail = wanted[popularity[wanted] <= max_count]
+        out.append(np.isin(tail, np.asarray(ranked)[:n]).mean() if len(tail) else np.nan)
+    return {f"tail_recall@{n}": np.asarray(out, dtype=float)}

@@ -55,7 +55,7 @@ from trainer.training.interests import (
     search_interests,
 )
 from trainer.training.loop import evaluate_model, model_search, train
-from trainer.training.metrics import CUTOFFS, per_user_metrics
+from trainer.training.metrics import CUTOFFS, per_user_metrics, tail_recall
 
 log = logging.getLogger("trainer")
 
@@ -170,6 +170,10 @@ def train_run(cfg: TrainConfig, spec: dict[str, Any], *, run_dir: Path | None = 
     (run_dir / "curve.json").write_text(json.dumps(result.curve, indent=1))
     per_user = write_per_user(run_dir / "per_user.json", dataset, test, result.model)
     report["distinctness"] = mean_measures(per_user["interests"])
+    # Recall on rarely seen targets (issue 23's sparse regimes); NaN-free mean over the users
+    # that have one.
+    report["tail"] = {name: mean_measures({"tail_recall@50": per_user[name]["tail_recall@50"]})
+                      ["tail_recall@50"] for name in ("model", "mostpop")}
     report["run_dir"] = str(run_dir)
     if publish is not None:
         bundle = publish(result.model, dataset, cfg, spec, bundle_metrics(report),
@@ -244,6 +248,7 @@ def write_per_user(path: Path, dataset: SequenceDataset, split: EvalSplit,
     (benchmarks/folds.py). Returns what it wrote, as arrays."""
     encode, search = model_search(model)
     ranked = rankings(encode, search, split, max(CUTOFFS))
+    popular, popularity = popular_rankings(dataset, split), dataset.popularity()
 
     def lists(values: dict[str, np.ndarray]) -> dict[str, list[float | None]]:
         # NaN (a measure a user has no value for) is written as null
@@ -252,8 +257,10 @@ def write_per_user(path: Path, dataset: SequenceDataset, split: EvalSplit,
 
     written = {
         "users": dataset.user_ids[split.users].astype(str).tolist(),
-        "model": per_user_metrics(ranked, split.targets),
-        "mostpop": per_user_metrics(popular_rankings(dataset, split), split.targets),
+        "model": per_user_metrics(ranked, split.targets)
+        | tail_recall(ranked, split.targets, popularity),
+        "mostpop": per_user_metrics(popular, split.targets)
+        | tail_recall(popular, split.targets, popularity),
         "interests": interest_measures(dataset, split, model, search, ranked),
     }
     path.write_text(json.dumps({key: value if key == "users" else lists(value)

@@ -153,3 +153,24 @@ def test_folds_test_every_user_once_validate_on_the_next_and_are_deterministic()
 def test_bad_fold_settings_are_refused(folds, fold):
     with pytest.raises(ValueError, match="fold"):
         build_dataset(make_synthetic(n_users=50, n_items=60, n_topics=6), folds=folds, fold=fold)
+
+
+def test_train_events_cut_training_users_only_and_keep_the_catalogue():
+    raw = make_synthetic(n_users=200, n_items=100, n_topics=5, min_len=12, max_len=30)
+    full = build_dataset(raw, folds=10, fold=2)
+    cut = build_dataset(raw, folds=10, fold=2, train_events=5)
+    assert np.array_equal(cut.item_ids, full.item_ids)  # the filters count the whole data
+    for u in full.train_users:  # the first 5 events, in order
+        assert cut.sequence(u).tolist() == full.sequence(u)[:5].tolist()
+    for u in [*full.valid_users, *full.test_users]:  # evaluated users are unchanged
+        assert cut.sequence(u).tolist() == full.sequence(u).tolist()
+    assert cut.popularity().sum() == 5 * len(full.train_users)
+    with pytest.raises(DataError, match="at least 2"):
+        build_dataset(raw, train_events=1)
+
+
+def test_min_item_count_one_keeps_the_long_tail():
+    rows = [(f"u{u}", item, t) for u in range(12) for t, item in enumerate("abcdef")]
+    rows.append(("u0", "z", 99))  # one interaction
+    assert "z" not in build_dataset(raw_from(rows)).item_ids
+    assert "z" in build_dataset(raw_from(rows), min_item_count=1).item_ids

@@ -12,7 +12,12 @@ from service.bundle.format import SEMANTIC_DIM
 from trainer.config import TrainConfig
 from trainer.encoders.registry import build_encoder
 from trainer.export import check_parity, export_onnx, parity_inputs
-from trainer.semantics.item_text import item_sentence, item_sentences, item_text_features
+from trainer.semantics.item_text import (
+    item_sentence,
+    item_sentences,
+    item_text_features,
+    shuffled_rows,
+)
 
 
 class CountingEncoder:
@@ -105,3 +110,16 @@ def test_a_text_model_round_trips_through_its_state_dict(tiny_dataset):
     again.load_state_dict(model.state_dict())  # what load_checkpoint does
     assert torch.equal(again.item_text, model.item_text)
     assert torch.allclose(again.eval().item_vectors(), model.item_vectors())
+
+
+def test_shuffled_control_permutes_texts_among_items():
+    rng = np.random.default_rng(1)
+    table = np.concatenate([np.zeros((1, 8)), rng.normal(size=(50, 8))]).astype(np.float32)
+    shuffled = shuffled_rows(table, seed=0)
+    assert shuffled.shape == table.shape and not shuffled[0].any()  # padding stays zero
+    # the same texts (rows), each once: a permutation
+    assert sorted(map(tuple, shuffled[1:].tolist())) == sorted(map(tuple, table[1:].tolist()))
+    moved = ~np.all(shuffled[1:] == table[1:], axis=1)
+    assert moved.mean() > 0.9  # items mostly carry another item's text
+    assert np.array_equal(shuffled_rows(table, seed=0), shuffled)  # seeded
+    assert not np.array_equal(shuffled_rows(table, seed=1), shuffled)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.training.metrics import aggregate, user_metrics
+from trainer.training.metrics import aggregate, tail_recall, user_metrics
 
 LOG2_3 = math.log2(3)
 
@@ -48,3 +48,15 @@ def test_aggregate_averages_users_per_cutoff():
 def test_user_without_targets_is_an_error():
     with pytest.raises(ValueError):
         user_metrics(np.array([1]), np.array([], dtype=int), n=1)
+
+
+def test_tail_recall_counts_only_rarely_seen_targets():
+    popularity = np.array([0, 100, 5, 6, 0, 2])  # internal ids 1..5; [0] padding
+    ranked = [np.array([1, 2, 3]), np.array([1, 3]), np.array([5])]
+    targets = [np.array([1, 2, 4]),  # tail: 2 (hit), 4 (miss); 1 is popular
+               np.array([1, 3]),  # no tail target (6 > 5 interactions)
+               np.array([5, 4])]  # tail: 5 (hit), 4 (miss)
+    out = tail_recall(ranked, targets, popularity, n=2)["tail_recall@2"]
+    assert out[0] == 0.5 and np.isnan(out[1]) and out[2] == 0.5
+    # the cut-off applies: item 2 sits at rank 2, outside a top 1
+    assert tail_recall(ranked, targets, popularity, n=1)["tail_recall@1"][0] == 0.0
