@@ -101,6 +101,10 @@ class TrainConfig:
         False, "item vectors also see the items' titles and categories (MiniLM features, "
                "projected; folded into the item table at export; "
                "trainer/semantics/item_text.py)")
+    text_only_items: bool = setting(
+        False, "export: items of the items file that no training user touched get a vector "
+               "from their text (a ridge map from MiniLM features to the trained item vectors) "
+               "and are served; marked in items.json")
     # The control that tells a semantic gain from a regularisation effect (issue 23).
     shuffle_item_text: bool = setting(
         False, "with --item-text: a control; every item gets another item's text (a seeded "

@@ -33,6 +33,7 @@ from service.bundle.naming_files import NamingTables, write_naming
 from trainer.config import TrainConfig
 from trainer.data.dataset import SequenceDataset
 from trainer.encoders.base import MultiInterestEncoder
+from trainer.semantics.text_only import text_only_vectors
 from trainer.training.evaluate import encode_all
 from trainer.training.loop import encode_numpy
 
@@ -265,6 +266,14 @@ def build_index(
 # --- the bundle -------------------------------------------------------------------------------
 
 
+def append_items(model: MultiInterestEncoder, rows: np.ndarray) -> None:
+    """Grow the model's item table by `rows` [C, d] (internal ids N + 1 .. N + C)."""
+    table = torch.cat([model.item_embedding.weight.detach(), torch.from_numpy(rows)])
+    model.item_embedding = torch.nn.Embedding.from_pretrained(table, freeze=False,
+                                                              padding_idx=0)
+    model.n_items += len(rows)
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -289,20 +298,35 @@ def publish_bundle(
 ) -> Path:
     """Export, check and publish; returns models_dir/name/<version>. `naming` (from ESIM)
     ships the interest vocabulary and projection so the service can name interests."""
-    if model.text_projection is not None:  # the served encoder keeps one plain item table
-        model = copy.deepcopy(model)
-        model.fold_item_text()
+    text_only = (dataset.text_only if cfg.text_only_items and dataset.text_only is not None
+                 and len(dataset.text_only) else None)
+    if model.text_projection is not None or text_only is not None:
+        model = copy.deepcopy(model)  # the caller's model stays as trained
+        model.fold_item_text()  # the served encoder keeps one plain item table
     model.eval()
     with torch.no_grad():
         vectors = model.item_vectors().numpy().astype(np.float32)
+    item_ids, titles = dataset.item_ids[1:].tolist(), dataset.titles[1:].tolist()
+    popularity = dataset.popularity()[1:]
+    text_only_rows: list[int] = []
+    if text_only is not None:
+        # After the trained items, rows placed by their text: in the index, and in the
+        # encoder's table too, so that a history holding one encodes.
+        placed = text_only_vectors(dataset, vectors)
+        append_items(model, placed)
+        text_only_rows = list(range(len(vectors), len(vectors) + len(placed)))
+        vectors = np.concatenate([vectors, placed])
+        item_ids += text_only.item_ids.astype(str).tolist()
+        titles += text_only.titles.astype(str).tolist()
+        popularity = np.concatenate([popularity, np.zeros(len(placed), popularity.dtype)])
     real = np.concatenate([dataset.eval_split("valid", cfg.maxlen).histories,
                            dataset.eval_split("test", cfg.maxlen).histories])
     queries = encode_all(encode_numpy(model), real[:2000]).reshape(-1, cfg.dim)
     manifest: dict[str, Any] = {
         "git_commit": git_commit(), "dataset": dataset.describe(), "data_spec": data_spec,
         "config": cfg.to_dict(), "backbone": cfg.backbone, "interests": cfg.interests,
-        "dim": cfg.dim, "maxlen": cfg.maxlen, "item_count": dataset.n_items,
-        "metrics": metrics, "extra": dict(extra or {}),
+        "dim": cfg.dim, "maxlen": cfg.maxlen, "item_count": len(item_ids),
+        "metrics": metrics, "extra": {**(extra or {}), "text_only_items": len(text_only_rows)},
     }
 
     def write_files(staging: Path) -> None:
@@ -316,9 +340,8 @@ def publish_bundle(
                                                 request_rows=cfg.interests)
         faiss.write_index(index, str(staging / INDEX))
         np.save(staging / ITEM_EMBEDDINGS, vectors)
-        np.save(staging / POPULARITY, dataset.popularity()[1:])
-        write_items(staging / ITEMS, dataset.item_ids[1:].tolist(),
-                        dataset.titles[1:].tolist())
+        np.save(staging / POPULARITY, popularity)
+        write_items(staging / ITEMS, item_ids, titles, text_only_rows)
         if naming is not None:
             write_naming(staging, naming)
         manifest["extra"].update(parity_max_abs_diff=parity, export_seconds=export_seconds)

@@ -240,9 +240,13 @@ def verify_files(path: Path, manifest: Manifest) -> None:
             raise BundleError(f"{file}: checksum mismatch (file changed after publishing)")
 
 
-def write_items(path: Path, item_ids: list[str], titles: list[str]) -> None:
+def write_items(path: Path, item_ids: list[str], titles: list[str],
+                text_only: list[int] | None = None) -> None:
+    """items.json: the id map (row i of the index and the item table is item_ids[i]), the
+    titles, and `text_only`: the rows of items no training user touched, placed by their text
+    (trainer/semantics/text_only.py)."""
     with open(path, "w") as fh:
-        json.dump({"item_ids": item_ids, "titles": titles}, fh)
+        json.dump({"item_ids": item_ids, "titles": titles, "text_only": text_only or []}, fh)
 
 
 DEFAULT_MODEL_NAME = "recommender"  # models/<name>/: the trainer's default and the service's

@@ -25,6 +25,21 @@ class EvalSplit:
 
 
 @dataclass
+class TextOnlyItems:
+    """Items of the items file that have no place in the trained catalogue (no interactions,
+    or fewer than the filter keeps): ids and texts, so that export can place them by their
+    text (trainer/semantics/text_only.py)."""
+
+    item_ids: np.ndarray  # external ids (str)
+    titles: np.ndarray
+    categories: np.ndarray
+    years: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+
+@dataclass
 class SequenceDataset:
     name: str
     source: str
@@ -44,6 +59,7 @@ class SequenceDataset:
     # "Evaluation protocol")
     folds: int = 0
     fold: int = 0
+    text_only: TextOnlyItems | None = None
 
     @property
     def n_items(self) -> int:
@@ -207,6 +223,15 @@ def build_dataset(
         categories[1:] = meta["categories"].fillna("").to_numpy(dtype=object)
         years[1:] = meta["year"].to_numpy(dtype=float)
 
+    text_only = None
+    if raw.items is not None:
+        rest = raw.items[~raw.items["item_id"].isin(item_index)
+                         & (raw.items["title"].str.strip() != "")]
+        text_only = TextOnlyItems(rest["item_id"].to_numpy(dtype=object),
+                                  rest["title"].to_numpy(dtype=object),
+                                  rest["categories"].to_numpy(dtype=object),
+                                  rest["year"].to_numpy(dtype=float))
+
     train_users, valid_users, test_users = split_users(len(user_ext), split_seed, folds, fold)
     flat = internal.astype(np.int64)
     if train_events:
@@ -228,6 +253,7 @@ def build_dataset(
         split_seed=split_seed,
         folds=folds,
         fold=fold,
+        text_only=text_only,
     )
 
 

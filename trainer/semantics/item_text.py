@@ -47,19 +47,26 @@ def item_text_features(dataset: SequenceDataset, encoder: SentenceEncoder | None
                        cache_dir: Path | None = CACHE_DIR) -> np.ndarray:
     """[N + 1, 384] float32, L2-normalised rows; row 0 (padding) and items without any text
     are zero, so they get no text component."""
-    sentences = item_sentences(dataset)
-    key = hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:32]
+    return np.concatenate([np.zeros((1, SEMANTIC_DIM), np.float32),
+                           sentence_features(item_sentences(dataset), encoder, cache_dir)])
+
+
+def sentence_features(sentences: list[str], encoder: SentenceEncoder | None = None,
+                      cache_dir: Path | None = CACHE_DIR) -> np.ndarray:
+    """[len(sentences), 384] MiniLM vectors, zero for an empty sentence; cached on disk by
+    the sentences' hash."""
+    key = "s-" + hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:30]
     path = cache_dir / f"{key}.npy" if cache_dir is not None else None
     if path is not None and path.is_file():
         table = np.load(path)
-        if table.shape == (dataset.n_items + 1, SEMANTIC_DIM):
+        if table.shape == (len(sentences), SEMANTIC_DIM):
             return table
     log.info("encoding the texts of %d items with MiniLM", len(sentences))
-    table = np.zeros((dataset.n_items + 1, SEMANTIC_DIM), np.float32)
-    has_text = np.array([bool(s.strip(" .")) for s in sentences])
+    table = np.zeros((len(sentences), SEMANTIC_DIM), np.float32)
+    has_text = np.array([bool(s.strip(" .")) for s in sentences], dtype=bool)
     if has_text.any():
         texts = [s for s, keep in zip(sentences, has_text, strict=True) if keep]
-        table[1:][has_text] = (encoder or SentenceEncoder()).encode(texts)
+        table[has_text] = (encoder or SentenceEncoder()).encode(texts)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")

@@ -278,7 +278,9 @@ def evaluate_bundle(path: Path, which: str) -> dict[str, Any]:
     m = bundle.manifest
     cfg = TrainConfig.from_dict(m.config)
     dataset = dataset_for(m.data_spec, cfg, m.dataset["fingerprint"], path)
-    if not np.array_equal(dataset.item_ids[1:].astype(str), bundle.item_ids.astype(str)):
+    # Text-only items (if any) follow the trained ones.
+    if not np.array_equal(dataset.item_ids[1:].astype(str),
+                          bundle.item_ids[: dataset.n_items].astype(str)):
         raise DataError(f"{path}: the bundle's item id map does not match the dataset")
     split = dataset.eval_split(which, m.maxlen)
     return {

@@ -429,3 +429,39 @@ def test_sigterm_during_a_cycle_abandons_it_cleanly(
 @pytest.fixture(autouse=True)
 def _never_the_shared_redis(redis_url):
     assert not redis_url.endswith(":6379/0")  # the tests' own server, not the machine's
+
+
+def test_new_rows_of_the_items_file_are_served_without_events(tmp_path, redis_url,
+                                                              tiny_dataset):
+    """A bundle that places text-only items: with no new events, a new row of its items file
+    still starts a cycle, and the published bundle serves the new item (marked text-only)."""
+    ds = tiny_dataset
+    data, items = tmp_path / "interactions.csv", tmp_path / "items.csv"
+    data.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"{ds.user_ids[u]},{ds.item_ids[i]},{1e9 + n}\n"
+        for u in range(ds.n_users) for n, i in enumerate(ds.sequence(u))))
+    items.write_text("item_id,title,categories\n" + "".join(
+        f"{ds.item_ids[i]},{ds.titles[i]},{ds.categories[i]}\n" for i in range(1, ds.n_items + 1)))
+    models = tmp_path / "models"
+    train = subprocess.run(
+        [sys.executable, "-m", "trainer", "train", "--data", str(data), "--items", str(items),
+         "--text-only-items", "--epochs", "2", "--dim", "16", "--out", str(models), "--name",
+         "tiny", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr
+    first = json.loads((models / "tiny" / "1" / "items.json").read_text())
+    assert first["text_only"] == []  # every item of the file has events
+
+    proc = nightly(tmp_path, redis_url, models, "--tolerance", "1")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["decision"] == "skipped: no new events or items" and report["new_items"] == 0
+
+    with open(items, "a") as fh:
+        fh.write("brand-new,A brand new item,topic-3\n")
+    proc = nightly(tmp_path, redis_url, models, "--tolerance", "1")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["new_items"] == 1 and report["decision"] == "published"
+    published = json.loads((Path(report["published"]) / "items.json").read_text())
+    row = published["item_ids"].index("brand-new")
+    assert published["text_only"] == [row] and published["titles"][row] == "A brand new item"
+    assert load_bundle(report["published"]).index.ntotal == len(published["item_ids"])

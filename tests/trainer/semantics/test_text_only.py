@@ -1,0 +1,95 @@
+"""Text-only items: placed by their text at export, in the index and the encoder's table,
+marked in items.json, and served (trainer/semantics/text_only.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from service.bundle.load import load_bundle
+from service.serving.recommender import Recommender
+from trainer.config import TrainConfig
+from trainer.data.dataset import TextOnlyItems
+from trainer.export import publish_bundle
+from trainer.semantics.text_only import fit_text_map
+from trainer.training.loop import train
+
+# One unmistakable word per planted topic of the tiny synthetic data (10 topics): texts a
+# sentence encoder tells apart, unlike "topic-3" and "topic-7".
+WORDS = ("astronomy telescope", "baking bread", "football match", "jazz saxophone",
+         "gardening roses", "chess opening", "surfing waves", "oil painting", "poetry sonnet",
+         "robot engineering")
+
+
+def test_ridge_map_recovers_a_linear_relation():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(400, 30)).astype(np.float32)
+    truth = rng.normal(size=(30, 8)).astype(np.float32)
+    weights, strength = fit_text_map(features, features @ truth + 0.5)
+    predicted = np.hstack([features, np.ones((400, 1), np.float32)]) @ weights
+    assert np.allclose(predicted, features @ truth + 0.5, atol=0.05)
+    assert strength <= 1.0  # noise-free data wants little shrinkage
+
+
+@pytest.fixture(scope="module")
+def text_only_bundle(tiny_dataset, tmp_path_factory):
+    """A tiny model (trained long enough for its item vectors to follow the topics) published
+    with topic texts and one text-only item per topic."""
+    cfg = TrainConfig(max_epochs=10, eval_every=10, dim=16, seed=0)
+    result = train(tiny_dataset, cfg, progress=False)
+    topic = np.array([int(c.removeprefix("topic-")) if c else 0
+                      for c in tiny_dataset.categories])
+    titles = np.array([""] + [f"{WORDS[t]} {i}" for i, t in enumerate(topic[1:], 1)],
+                      dtype=object)
+    new = TextOnlyItems(np.array([f"new-{t}" for t in range(10)], dtype=object),
+                        np.array([f"{w} special" for w in WORDS], dtype=object),
+                        np.full(10, "", dtype=object), np.full(10, np.nan))
+    dataset = dataclasses.replace(tiny_dataset, titles=titles, text_only=new)
+    models = tmp_path_factory.mktemp("models")
+    path = publish_bundle(result.model, dataset, dataclasses.replace(cfg, text_only_items=True),
+                          {"synthetic": {}}, {}, models, "tiny", progress=False)
+    return path, dataset, topic
+
+
+def test_text_only_items_are_in_the_bundle_and_marked(text_only_bundle):
+    path, dataset, _ = text_only_bundle
+    items = json.loads((path / "items.json").read_text())
+    n = dataset.n_items
+    assert items["item_ids"][n:] == [f"new-{t}" for t in range(10)]
+    assert items["text_only"] == list(range(n, n + 10))
+    bundle = load_bundle(path)
+    assert bundle.index.ntotal == n + 10 and bundle.manifest.item_count == n + 10
+    assert not bundle.popularity[n:].any()  # no events yet
+    assert bundle.manifest.extra["text_only_items"] == 10
+
+
+def test_new_items_sit_with_their_topic_and_are_served(text_only_bundle):
+    path, dataset, topic = text_only_bundle
+    bundle = load_bundle(path)
+    n = dataset.n_items
+    vectors = bundle.item_vectors
+    centroids = np.stack([vectors[:n][topic[1:] == t].mean(axis=0) for t in range(10)])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    # each new item's vector points at the trained items of its text's topic
+    assert (np.argmax(vectors[n:] @ centroids.T, axis=1) == np.arange(10)).all()
+    # one length for all, that of a trained item (the rarest fitted ones'), not ridge's
+    lengths = np.linalg.norm(vectors[n:], axis=1)
+    assert np.allclose(lengths, lengths[0])
+    trained = np.linalg.norm(vectors[:n], axis=1)
+    assert trained.min() <= lengths[0] <= trained.max()
+
+    recommender = Recommender(bundle)
+    history = dataset.item_ids[np.flatnonzero(topic == 3)[:8]].tolist()
+    answer = recommender.recommend(history, n + 10)
+    assert {f"new-{t}" for t in range(10)} <= set(answer.item_ids)  # in the index, served
+    # A history holding a text-only item (a user clicked it) encodes, and it counts.
+    clicked = recommender.recommend([*history, "new-3"], 20)
+    assert clicked.used_history == len(history) + 1 and clicked.unknown_items == 0
+    with_new = bundle.encode(np.array([[0] * 11 + [dataset.item_ids.tolist().index(h)
+                                                   for h in history] + [n + 4]]))
+    without = bundle.encode(np.array([[0] * 12 + [dataset.item_ids.tolist().index(h)
+                                                  for h in history]]))
+    assert not np.allclose(with_new, without)  # its vector goes into the interests
