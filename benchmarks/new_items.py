@@ -8,12 +8,12 @@ data and the test users' histories, so those items reach the bundle as text-only
 over the whole catalogue (trained items + every text-only item, as published), per user,
 on the validation and the test users of the fold:
 
-* `text_only_<rule>`: the model, the text-only items placed by their text (what ships), for
-  each length rule of `text_only_vectors`; the rule is chosen on validation (`choose_length`)
-  and only it is compared on test;
+* `text_only_<length>`: the model, the text-only items placed by their text (what ships),
+  for each length of `text_only_vectors` (`--text-only-length`, or `ridge`: the map's own);
+  the length is chosen on validation (`choose_length`) and only it is compared on test;
 * `no_new_items`: the model over its trained items alone (held-out targets unreachable): the
   overall-recall reference;
-* `random_placement_<rule>`: the same vectors permuted among the text-only items (is it the
+* `random_placement_<length>`: the same vectors permuted among the text-only items (is it the
   text, or only the vectors' presence?);
 * `content_only`: no model: every item scored by the MiniLM cosine between its text and the
   mean text of the user's history.
@@ -46,7 +46,12 @@ from trainer.training.loop import train
 
 HELD_SHARE = 0.1
 N = 50
-LENGTHS = ("rare", "typical", "ridge")  # text_only_vectors' length rules
+# text_only_vectors' lengths (x the rarest trained items' median norm; None: ridge's own)
+LENGTHS = (1.0, 0.8, 0.6, 0.4, None)
+
+
+def label(length: float | None) -> str:
+    return "ridge" if length is None else f"{length:g}"
 TOLERANCE = 0.005  # overall Recall@50 a catalogue with new items may lose
 
 
@@ -85,10 +90,10 @@ def run_fold(fold: int, folds: int, seed: int, threads: int) -> dict[str, dict]:
                             sentence_features(text_only_sentences(data.text_only))])
     shuffle = np.random.default_rng([fold, seed, 7]).permutation(len(data.text_only))
     searches = {"no_new_items": exact_search(warm)}
-    for rule in LENGTHS:
-        placed = text_only_vectors(data, warm, rule)
-        searches[f"text_only_{rule}"] = exact_search(np.concatenate([warm, placed]))
-        searches[f"random_placement_{rule}"] = exact_search(
+    for length in LENGTHS:
+        placed = text_only_vectors(data, warm, length)
+        searches[f"text_only_{label(length)}"] = exact_search(np.concatenate([warm, placed]))
+        searches[f"random_placement_{label(length)}"] = exact_search(
             np.concatenate([warm, placed[shuffle]]))
 
     out: dict[str, dict] = {"_info": {
@@ -124,14 +129,15 @@ def run_fold(fold: int, folds: int, seed: int, threads: int) -> dict[str, dict]:
 
 
 def choose_length(means: dict[str, dict[str, float]]) -> str:
-    """On validation: the length rule with the best new-item recall among those that keep
+    """On validation: the length with the best new-item recall among those that keep
     overall Recall@50 within TOLERANCE of the catalogue without new items; else the one with
     the best overall recall."""
     floor = means["no_new_items"]["recall@50"] - TOLERANCE
-    keeping = [r for r in LENGTHS if means[f"text_only_{r}"]["recall@50"] >= floor]
+    rules = [label(length) for length in LENGTHS]
+    keeping = [r for r in rules if means[f"text_only_{r}"]["recall@50"] >= floor]
     if keeping:
         return max(keeping, key=lambda r: means[f"text_only_{r}"]["new_item_recall@50"])
-    return max(LENGTHS, key=lambda r: means[f"text_only_{r}"]["recall@50"])
+    return max(rules, key=lambda r: means[f"text_only_{r}"]["recall@50"])
 
 
 def main() -> None:

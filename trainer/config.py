@@ -102,9 +102,12 @@ class TrainConfig:
                "projected; folded into the item table at export; "
                "trainer/semantics/item_text.py)")
     text_only_items: bool = setting(
-        False, "export: items of the items file that no training user touched get a vector "
+        False, "export: items of the items file without any interaction get a vector "
                "from their text (a ridge map from MiniLM features to the trained item vectors) "
                "and are served; marked in items.json")
+    text_only_length: float = setting(
+        1.0, "with --text-only-items: a placed item's vector length, in units of the median "
+             "length of the rarest trained items (0 < x; smaller serves new items less often)")
     # The control that tells a semantic gain from a regularisation effect (issue 23).
     shuffle_item_text: bool = setting(
         False, "with --item-text: a control; every item gets another item's text (a seeded "

@@ -312,7 +312,7 @@ def publish_bundle(
     if text_only is not None:
         # After the trained items, rows placed by their text: in the index, and in the
         # encoder's table too, so that a history holding one encodes.
-        placed = text_only_vectors(dataset, vectors)
+        placed = text_only_vectors(dataset, vectors, cfg.text_only_length)
         append_items(model, placed)
         text_only_rows = list(range(len(vectors), len(vectors) + len(placed)))
         vectors = np.concatenate([vectors, placed])

@@ -26,9 +26,8 @@ class EvalSplit:
 
 @dataclass
 class TextOnlyItems:
-    """Items of the items file that have no place in the trained catalogue (no interactions,
-    or fewer than the filter keeps): ids and texts, so that export can place them by their
-    text (trainer/semantics/text_only.py)."""
+    """Items of the items file without any interaction (new in the shop): ids and texts, so
+    that export can place them by their text (trainer/semantics/text_only.py)."""
 
     item_ids: np.ndarray  # external ids (str)
     titles: np.ndarray
@@ -225,7 +224,9 @@ def build_dataset(
 
     text_only = None
     if raw.items is not None:
-        rest = raw.items[~raw.items["item_id"].isin(item_index)
+        # No interaction at all: new items. (Items under the filter are left out: their
+        # events exist, and --min-item-count is how to keep them.)
+        rest = raw.items[~raw.items["item_id"].isin(raw.interactions["item_id"])
                          & (raw.items["title"].str.strip() != "")]
         text_only = TextOnlyItems(rest["item_id"].to_numpy(dtype=object),
                                   rest["title"].to_numpy(dtype=object),

@@ -52,12 +52,12 @@ def text_only_sentences(items: TextOnlyItems) -> list[str]:
 
 
 def text_only_vectors(dataset: SequenceDataset, item_vectors: np.ndarray,
-                      length: str = "rare") -> np.ndarray:
+                      length: float | None = None) -> np.ndarray:
     """[C, d] vectors of the dataset's text-only items from `item_vectors` [N, d] (row i is
-    internal id i + 1). `length`: the placed vectors' norm (the direction is the map's):
-    "rare", the median norm of the rarest fitted items (MIN_FIT_COUNT to twice that many
-    interactions), the prior of an item nobody chose yet; "typical", of all fitted items;
-    "ridge", the map's own (shrunk towards the mean item)."""
+    internal id i + 1): the map's direction, and `length` times the median norm of the
+    rarest fitted items (MIN_FIT_COUNT to twice that many interactions: the prior of an item
+    nobody chose yet); None keeps the map's own length (ridge shrinks towards the mean
+    item)."""
     assert dataset.text_only is not None
     warm = item_text_features(dataset)[1:]
     popularity = dataset.popularity()[1:]
@@ -68,11 +68,13 @@ def text_only_vectors(dataset: SequenceDataset, item_vectors: np.ndarray,
     weights, strength = fit_text_map(warm[fit], item_vectors[fit])
     cold = sentence_features(text_only_sentences(dataset.text_only))
     placed = np.hstack([cold, np.ones((len(cold), 1), np.float32)]) @ weights
-    # An item vector's length carries its popularity; the text says nothing about that.
-    lengths = np.linalg.norm(item_vectors, axis=1)
-    if length != "ridge":
+    # An item vector's length carries its popularity; the text says nothing about that, so
+    # the length is a setting (--text-only-length), chosen on validation users
+    # (benchmarks/new_items.py).
+    if length is not None:
         rare = fit & (popularity < 2 * MIN_FIT_COUNT)
-        norm = float(np.median(lengths[rare if length == "rare" and rare.any() else fit]))
+        norm = length * float(np.median(np.linalg.norm(item_vectors[rare if rare.any()
+                                                                    else fit], axis=1)))
         placed *= norm / np.maximum(np.linalg.norm(placed, axis=1, keepdims=True), 1e-12)
     log.info("text-only items: %d placed by a ridge map (strength %g) fitted on %d items",
              len(cold), strength, int(fit.sum()))

@@ -174,3 +174,18 @@ def test_min_item_count_one_keeps_the_long_tail():
     rows.append(("u0", "z", 99))  # one interaction
     assert "z" not in build_dataset(raw_from(rows)).item_ids
     assert "z" in build_dataset(raw_from(rows), min_item_count=1).item_ids
+
+
+def test_items_without_any_interaction_are_text_only():
+    rows = [(f"u{u}", item, t) for u in range(12) for t, item in enumerate("abcdef")]
+    rows.append(("u0", "rare", 99))  # one interaction: under the filter, not new
+    items = pd.DataFrame({"item_id": ["a", "rare", "new", "untitled"],
+                          "title": ["A", "Rare", "Brand new", " "],
+                          "categories": ["", "", "x|y", ""], "year": [np.nan, np.nan, 2024.0,
+                                                                       np.nan]})
+    raw = RawData("t", "test", pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]),
+                  items)
+    ds = build_dataset(raw)
+    assert ds.text_only.item_ids.tolist() == ["new"]  # a title and no event at all
+    assert ds.text_only.titles.tolist() == ["Brand new"]
+    assert ds.text_only.categories.tolist() == ["x|y"] and ds.text_only.years.tolist() == [2024]
