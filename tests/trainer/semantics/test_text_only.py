@@ -75,7 +75,7 @@ def test_new_items_sit_with_their_topic_and_are_served(text_only_bundle):
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     # each new item's vector points at the trained items of its text's topic
     assert (np.argmax(vectors[n:] @ centroids.T, axis=1) == np.arange(10)).all()
-    # one length for all (--text-only-length 1: the rarest fitted items'), not ridge's
+    # one length for all (--text-only-length x the rarest fitted items' median), not ridge's
     lengths = np.linalg.norm(vectors[n:], axis=1)
     assert np.allclose(lengths, lengths[0])
     trained = np.linalg.norm(vectors[:n], axis=1)
