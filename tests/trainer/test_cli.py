@@ -217,6 +217,7 @@ CONFIG_FLAGS = {
     "--target-horizon",  # issue 22 (a candidate; 1, next-item training, by default)
     "--min-item-count", "--train-events",  # issue 23: sparse regimes (5 and all by default)
     "--shuffle-item-text",  # issue 23: the shuffled-label control of --item-text
+    "--text-only-items", "--text-only-length",  # issue 23: new items placed by their text
 }
 OTHER_TRAIN_FLAGS = {
     "-h", "--help", "--dataset", "--data", "--items", "--format", "--synthetic", "--run-dir",
