@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+# A sibling script (its paired interval over runs and users): run as a script, benchmarks/
+# is on the path.
+import folds as fold_benchmark
 import numpy as np
 import pandas as pd
 import torch
@@ -53,14 +55,6 @@ LENGTHS = (1.0, 0.95, 0.9, 0.85, 0.8, None)
 def label(length: float | None) -> str:
     return "ridge" if length is None else f"{length:g}"
 TOLERANCE = 0.005  # overall Recall@50 a catalogue with new items may lose
-
-
-def folds_module():
-    """benchmarks/folds.py (its paired interval over runs and users)."""
-    spec = importlib.util.spec_from_file_location("folds", Path(__file__).with_name("folds.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_fold(fold: int, folds: int, seed: int, threads: int) -> dict[str, dict]:
@@ -159,7 +153,6 @@ def main() -> None:
             runs[seed, fold] = json.loads(path.read_text())
             print(f"seed {seed} fold {fold}: done", file=sys.stderr)
 
-    folds = folds_module()
     metrics = ("recall@50", "new_item_recall@50")
     variants = [v for v in runs[0, 0]["test"] if v != "users"]
 
@@ -185,8 +178,8 @@ def main() -> None:
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "runs": {f"seed{s}-fold{f}": r["_info"] for (s, f), r in runs.items()},
         "length_rule_chosen_on_valid": rule, "means": means,
-        "pairs": {f"{ours} vs {other}": folds.compare(test[ours], test[other], fold_of("test"),
-                                                      metrics)
+        "pairs": {f"{ours} vs {other}": fold_benchmark.compare(
+            test[ours], test[other], fold_of("test"), metrics)
                   for other in ("no_new_items", f"random_placement_{rule}", "content_only")},
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,19 +24,16 @@ from pathlib import Path
 
 import httpx
 
+# A sibling script (free_port, wait_ready): run as a script, benchmarks/ is on the path.
+import service_load
+
 REPO = Path(__file__).resolve().parents[1]
 USER = "page-demo"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(models_dir: Path, model: str, log: Path) -> Iterator[str]:
-    port = free_port()
+    port = service_load.free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("REDIS_URL", "API_KEY", "PROMETHEUS_MULTIPROC_DIR", "WORKERS")}
     env.update({"MODELS_DIR": str(models_dir.resolve()), "MODEL_NAME": model,
@@ -48,14 +44,7 @@ def serve(models_dir: Path, model: str, log: Path) -> Iterator[str]:
                                    stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the service did not start: {log.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/readyz", timeout=2).json().get("ready"):
-                    break
-            time.sleep(0.2)
+        service_load.wait_ready(base, process, timeout=60)
         yield base
     finally:
         process.terminate()
