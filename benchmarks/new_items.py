@@ -50,11 +50,11 @@ HELD_SHARE = 0.1
 N = 50
 # text_only_vectors' lengths (x the rarest trained items' median norm; None: ridge's own)
 LENGTHS = (1.0, 0.95, 0.9, 0.85, 0.8, None)
+TOLERANCE = 0.005  # overall Recall@50 a catalogue with new items may lose
 
 
 def label(length: float | None) -> str:
     return "ridge" if length is None else f"{length:g}"
-TOLERANCE = 0.005  # overall Recall@50 a catalogue with new items may lose
 
 
 def run_fold(fold: int, folds: int, seed: int, threads: int) -> dict[str, dict]:

@@ -243,7 +243,7 @@ def verify_files(path: Path, manifest: Manifest) -> None:
 def write_items(path: Path, item_ids: list[str], titles: list[str],
                 text_only: list[int] | None = None) -> None:
     """items.json: the id map (row i of the index and the item table is item_ids[i]), the
-    titles, and `text_only`: the rows of items no training user touched, placed by their text
+    titles, and `text_only`: the rows of items without any interaction, placed by their text
     (trainer/semantics/text_only.py)."""
     with open(path, "w") as fh:
         json.dump({"item_ids": item_ids, "titles": titles, "text_only": text_only or []}, fh)

@@ -222,17 +222,6 @@ def build_dataset(
         categories[1:] = meta["categories"].fillna("").to_numpy(dtype=object)
         years[1:] = meta["year"].to_numpy(dtype=float)
 
-    text_only = None
-    if raw.items is not None:
-        # No interaction at all: new items. (Items under the filter are left out: their
-        # events exist, and --min-item-count is how to keep them.)
-        rest = raw.items[~raw.items["item_id"].isin(raw.interactions["item_id"])
-                         & (raw.items["title"].str.strip() != "")]
-        text_only = TextOnlyItems(rest["item_id"].to_numpy(dtype=object),
-                                  rest["title"].to_numpy(dtype=object),
-                                  rest["categories"].to_numpy(dtype=object),
-                                  rest["year"].to_numpy(dtype=float))
-
     train_users, valid_users, test_users = split_users(len(user_ext), split_seed, folds, fold)
     flat = internal.astype(np.int64)
     if train_events:
@@ -254,8 +243,21 @@ def build_dataset(
         split_seed=split_seed,
         folds=folds,
         fold=fold,
-        text_only=text_only,
+        text_only=text_only_items(raw),
     )
+
+
+def text_only_items(raw: RawData) -> TextOnlyItems | None:
+    """The rows of the items file with a title and no interaction at all: new items. (Items
+    under the filter are left out: their events exist, and --min-item-count keeps them.)"""
+    if raw.items is None:
+        return None
+    rest = raw.items[~raw.items["item_id"].isin(raw.interactions["item_id"])
+                     & (raw.items["title"].str.strip() != "")]
+    return TextOnlyItems(rest["item_id"].to_numpy(dtype=object),
+                         rest["title"].to_numpy(dtype=object),
+                         rest["categories"].to_numpy(dtype=object),
+                         rest["year"].to_numpy(dtype=float))
 
 
 def cut_sequences(flat: np.ndarray, offsets: np.ndarray, users: np.ndarray, keep: int

@@ -1,6 +1,6 @@
-"""Text-only items: items of the items file that no training user touched (new in the shop,
-or under the interaction filter) get a vector from their text at export, so that they can be
-recommended from day one (docs/architecture.md, "Text-only items").
+"""Text-only items: items of the items file without any interaction (new in the shop) get a
+vector from their text at export, so that they can be recommended from day one
+(docs/architecture.md, "Data": "Text-only items").
 
 The vector is a ridge map from the items' MiniLM text features to the trained item vectors,
 fitted on the items seen often enough for their vectors to mean something, its strength

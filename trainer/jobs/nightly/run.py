@@ -15,7 +15,7 @@ from typing import Any
 
 from service.bundle.format import ITEMS, latest_version, read_manifest, republish
 from trainer.config import TrainConfig
-from trainer.data.dataset import build_dataset
+from trainer.data.dataset import build_dataset, text_only_items
 from trainer.data.specs import load_spec
 from trainer.export import publish_bundle
 from trainer.jobs.nightly.gate import evaluate_served_path, held_out
@@ -41,16 +41,16 @@ def run_nightly(opts: NightlyOptions) -> dict[str, Any]:
         served = read_manifest(served_dir)
         report["served_version"] = served_version
         base_spec = served.data_spec.get("base", served.data_spec)
+        spec = {"base": base_spec, "events": str(events_dir(opts.data_dir).resolve())}
         cfg = TrainConfig.from_dict({**served.config, **(opts.train_overrides or {})})
         if report["ingest"]["events"] == 0:
             # New rows of the items file are served from day one (by their text) without
             # waiting for their first events.
-            report["new_items"] = unserved_items(base_spec, served_dir, cfg)
+            report["new_items"] = unserved_items(spec, served_dir, cfg)
             if not report["new_items"]:
                 report["decision"] = "skipped: no new events or items"
                 return finish(report, opts, started)
 
-        spec = {"base": base_spec, "events": str(events_dir(opts.data_dir).resolve())}
         dataset = build_dataset(load_spec(spec), **cfg.split())
         report["dataset"] = dataset.describe()
         # A served ESIM model is retrained with ESIM; the LLM answers come from the cache
@@ -84,17 +84,16 @@ def run_nightly(opts: NightlyOptions) -> dict[str, Any]:
     return finish(report, opts, started)
 
 
-def unserved_items(base_spec: dict[str, Any], served_dir: Path, cfg: TrainConfig) -> int:
-    """Items of the data's items file (with a title) that the served bundle lacks; 0 unless
-    the model places text-only items (--text-only-items)."""
+def unserved_items(spec: dict[str, Any], served_dir: Path, cfg: TrainConfig) -> int:
+    """Text-only items of the data (the dataset's rule: a title, no event) that the served
+    bundle lacks; 0 unless the model places them (--text-only-items)."""
     if not cfg.text_only_items:
         return 0
-    items = load_spec(base_spec).items
-    if items is None:
+    new = text_only_items(load_spec(spec))
+    if new is None:
         return 0
     served = set(json.loads((served_dir / ITEMS).read_text())["item_ids"])
-    titled = items["title"].fillna("").astype(str).str.strip() != ""
-    return int((titled & ~items["item_id"].isin(served)).sum())
+    return sum(item not in served for item in new.item_ids.astype(str))
 
 
 def finish(report: dict[str, Any], opts: NightlyOptions, started: float) -> dict[str, Any]:
