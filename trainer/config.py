@@ -185,6 +185,18 @@ class TrainConfig:
         0.85, "cosine at which a crowd's interests count as one and are merged")
     esim_batch_users: int = esim_setting(64, "supervised users in the ESIM losses per "
                                              "training step")
+    # The item side (issue 23; docs/results.md, "Semantics where they can pay"): 0 is off.
+    esim_item_weight: float = esim_setting(
+        0.0, "L_item weight: items the labeller put under a semantic interest are pulled, "
+             "through g, towards its embedding and pushed from the other interests' "
+             "(InfoNCE); it shapes the item table, which the user-side losses leave alone")
+    esim_batch_items: int = esim_setting(512, "labelled items in L_item per training step",
+                                         cli=False)
+    # The control that tells a semantic gain from a regularisation effect (issue 23).
+    esim_shuffle_labels: bool = esim_setting(
+        False, "a control: the semantic interests are permuted among the labelled groups "
+               "(users' and items' groups keep their structure and get another group's "
+               "name), the same losses with the semantics broken")
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -201,6 +213,8 @@ class TrainConfig:
         if self.esim_matching not in MATCHING_RULES:
             raise ValueError(f"unknown matching rule {self.esim_matching!r}; "
                              f"choose one of {MATCHING_RULES}")
+        if self.esim_item_weight < 0:
+            raise ValueError(f"esim_item_weight must be >= 0, got {self.esim_item_weight}")
         if self.esim_tau <= 0:
             raise ValueError(f"esim_tau must be > 0, got {self.esim_tau}")
         if self.esim_level not in ESIM_LEVELS:
@@ -212,7 +226,7 @@ class TrainConfig:
         if self.esim_llm_budget is not None and self.esim_llm_budget < 1:
             raise ValueError(f"the LLM budget must be >= 1, got {self.esim_llm_budget}")
         for name in ("esim_clusters", "esim_users_per_cluster", "esim_labels", "esim_crowds",
-                     "esim_crowd_items", "esim_batch_users"):
+                     "esim_crowd_items", "esim_batch_users", "esim_batch_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.folds and (self.folds < 3 or not 0 <= self.fold < self.folds):

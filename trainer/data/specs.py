@@ -27,14 +27,15 @@ def parse_synthetic(text: str | None) -> dict[str, int | float]:
     """'users=2000,items=2000,topics=40,interests=4' -> make_synthetic keyword arguments."""
     names = {"users": "n_users", "items": "n_items", "topics": "n_topics",
              "interests": "interests_per_user", "min_len": "min_len", "max_len": "max_len",
-             "stickiness": "stickiness", "seed": "seed"}
+             "stickiness": "stickiness", "zipf": "zipf", "seed": "seed"}
     out: dict[str, int | float] = {}
     for part in filter(None, (text or "").split(",")):
         key, _, value = part.partition("=")
         if key.strip() not in names or not value:
             raise DataError(f"--synthetic: bad entry {part!r}; keys are {', '.join(names)}")
         number = float(value)
-        out[names[key.strip()]] = int(number) if number.is_integer() and key != "stickiness" \
+        fractional = key.strip() in ("stickiness", "zipf")
+        out[names[key.strip()]] = int(number) if number.is_integer() and not fractional \
             else number
     return out
 

@@ -309,7 +309,7 @@ def train(dataset: SequenceDataset, cfg: TrainConfig, progress: bool = True,
                         aux, esim_parts = esim_objective.loss(model)
                         # At zero weights the terms are logged, not trained: even a zero
                         # gradient would mark embedding rows for SparseAdam's lazy update.
-                        if cfg.esim_alpha or cfg.esim_beta:
+                        if cfg.esim_alpha or cfg.esim_beta or cfg.esim_item_weight:
                             loss = loss + aux
                 with phases("backward"):
                     for optimiser in optimisers:

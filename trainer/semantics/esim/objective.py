@@ -60,12 +60,40 @@ def join(parts: Sequence[Supervision]) -> Supervision:
 
 Encode = Callable[[list[str]], np.ndarray]  # texts -> unit-length semantic embeddings
 
-
-# --- the auxiliary objective --------------------------------------------------------------------
-
-
 # ESIM's torch seed is the training seed plus this (the loop's stream is the seed itself).
 ESIM_SEED_OFFSET = 7919
+
+
+def shuffle_semantics(sup: Supervision, labels: np.ndarray, seed: int
+                      ) -> tuple[Supervision, np.ndarray]:
+    """The shuffled-label control: the semantic interests (texts, embeddings and vocabulary
+    labels together) permuted among the labelled groups, from a stream of its own. Who is
+    grouped with whom, and the multiset of semantics and labels, stay; which group carries
+    which name does not (a cyclic shift of a random order: no group keeps its own)."""
+    n = len(sup.texts)
+    order = np.random.default_rng([seed, ESIM_SEED_OFFSET]).permutation(n)
+    perm = np.empty(n, dtype=np.int64)
+    perm[order] = np.roll(order, 1)
+    shuffled = Supervision(users=sup.users, histories=sup.histories, owner=sup.owner,
+                           positions=sup.positions, proto=sup.proto,
+                           texts=[sup.texts[p] for p in perm], semantic=sup.semantic[perm],
+                           crowd=sup.crowd)
+    return shuffled, labels[perm]
+
+
+def labelled_items(histories: np.ndarray, owner: np.ndarray, positions: np.ndarray,
+                   proto: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The item side of the supervision: every (item, semantic interest) pair where a
+    supervised user's history holds the item at one of the interest's slots, once each.
+    Returns item ids [M] and their semantic interests [M]."""
+    rows, slots = np.nonzero(positions > 0)
+    items = histories[owner[rows], slots]
+    keep = items > 0
+    pairs = np.unique(np.stack([items[keep], proto[rows][keep]], axis=1), axis=0)
+    return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+
+
+# --- the auxiliary objective --------------------------------------------------------------------
 
 
 class EsimHeads(nn.Module):
@@ -114,6 +142,8 @@ class EsimObjective:
             torch.manual_seed(cfg.seed + ESIM_SEED_OFFSET)
             self.heads = EsimHeads(cfg.dim, n_labels)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        items, item_proto = labelled_items(histories, owner, positions, self.proto.numpy())
+        self.items, self.item_proto = torch.from_numpy(items), torch.from_numpy(item_proto)
 
     def parameters(self):
         return self.heads.parameters()
@@ -172,6 +202,21 @@ class EsimObjective:
         hide[torch.arange(len(z)), target] = False
         return F.cross_entropy(logits.masked_fill(hide, float("-inf")), target)
 
+    def item_align(self, model: MultiInterestEncoder) -> Tensor:
+        """L_item, the item side: InfoNCE of g(item vector) vs the semantic interest the
+        labeller put the item under, every other semantic interest as a negative except
+        those sharing its vocabulary label. Through the same g as L_align, so an interest
+        and its items are pulled towards one point; a batch of esim_batch_items pairs."""
+        n = len(self.items)
+        pick = (torch.arange(n) if n <= self.cfg.esim_batch_items else
+                torch.randperm(n, generator=self.generator)[: self.cfg.esim_batch_items])
+        protos = self.item_proto[pick]
+        z = F.normalize(self.heads.projection(model.embed_items(self.items[pick])), dim=-1)
+        logits = z @ self.semantic.T / self.cfg.esim_tau  # [n, P]
+        hide = self.labels[None, :] == self.labels[protos][:, None]
+        hide[torch.arange(len(pick)), protos] = False
+        return F.cross_entropy(logits.masked_fill(hide, float("-inf")), protos)
+
     def loss(self, model: MultiInterestEncoder) -> tuple[Tensor, dict[str, float]]:
         users = self.sample_users()
         local = torch.full((len(self.histories),), -1, dtype=torch.long)
@@ -193,4 +238,9 @@ class EsimObjective:
         label_logits = self.heads.predictor(interests).max(dim=1).values  # [B, L]
         pred = F.binary_cross_entropy_with_logits(label_logits, self.targets[users])
         total = self.cfg.esim_alpha * pred + self.cfg.esim_beta * align
-        return total, {"align": align.item(), "pred": pred.item()}
+        parts = {"align": align.item(), "pred": pred.item()}
+        if self.cfg.esim_item_weight and len(self.items):
+            item = self.item_align(model)
+            total = total + self.cfg.esim_item_weight * item
+            parts["item"] = item.item()
+        return total, parts

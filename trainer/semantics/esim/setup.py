@@ -15,7 +15,14 @@ from trainer.config import TrainConfig
 from trainer.data.dataset import SequenceDataset
 from trainer.encoders.base import MultiInterestEncoder
 from trainer.semantics.esim.individual import individual_level
-from trainer.semantics.esim.objective import Encode, EsimError, EsimObjective, Supervision, join
+from trainer.semantics.esim.objective import (
+    Encode,
+    EsimError,
+    EsimObjective,
+    Supervision,
+    join,
+    shuffle_semantics,
+)
 from trainer.semantics.esim.vocabulary import interest_vocabulary
 from trainer.semantics.llm.backends import LLMSettings
 from trainer.semantics.llm.labellers import (
@@ -67,12 +74,16 @@ def prepare_esim(model: MultiInterestEncoder, dataset: SequenceDataset, cfg: Tra
         raise EsimError(f"ESIM: no {who} could be labelled ({stats.to_dict()})")
     sup = join(parts)
     labels = interest_vocabulary(sup.semantic, cfg.esim_labels, seed=cfg.seed)
+    if cfg.esim_shuffle_labels:
+        sup, labels = shuffle_semantics(sup, labels, cfg.seed)
     objective = EsimObjective(cfg, sup.histories, sup.owner, sup.positions, sup.semantic,
                               labels, proto=sup.proto, crowd=sup.crowd, texts=sup.texts)
     report = {
         "source": stats.source, "backend": stats.backend, **report,
         "supervised_users": len(np.unique(sup.users)),
         "semantic_interests": len(sup.texts), "vocabulary": int(labels.max()) + 1,
+        "labelled_items": len(np.unique(objective.items)),
+        "shuffled_labels": cfg.esim_shuffle_labels,
         "llm": stats.to_dict(),
     }
     if run_dir is not None:
