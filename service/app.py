@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.ab.attribution import AttributionStore, InMemoryAttributionStore, RedisAttributionStore
-from service.api import events, ops, recommend, ui, users
+from service.api import events, items, ops, recommend, ui, users
 from service.deps import AppState
 from service.observability import Metrics, configure_logging, mark_worker_dead, request_id_var
 from service.schemas import is_request_id
@@ -284,6 +284,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(ops.router)
     app.include_router(users.router)
+    app.include_router(items.router)
     app.include_router(ui.router)  # the web page, GET / and /ui
 
     # Every error body carries the request id (the X-Request-ID header has it too).

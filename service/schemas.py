@@ -9,6 +9,7 @@ from fastapi import Path
 from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 
+from service.serving.filters import ItemFilter
 from service.store.events import ID_PATTERN, MAX_ID_LENGTH, MAX_TIMESTAMP, check_id
 
 # Ids are JSON strings (strict: 42 is refused, "42" is the id), 1..256 characters.
@@ -46,6 +47,28 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# Filters (service/serving/filters.py): field names and values as the bundle's items.json
+# "fields" has them (category, year).
+MAX_FILTER_IDS = 100_000  # an allow-list's ids at most
+FieldName = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+FieldValue = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+FieldValues = Annotated[dict[FieldName, Annotated[list[FieldValue], Field(min_length=1)]],
+                        Field(max_length=16)]
+
+
+class FilterBody(Body):
+    include: FieldValues = Field(default_factory=dict, description=(
+        "field -> values: only items holding one of the values, for every field listed "
+        "(e.g. {\"category\": [\"Comedy\"]})"))
+    exclude: FieldValues = Field(default_factory=dict, description=(
+        "field -> values: items holding any of them are left out"))
+    item_ids: list[Id] | None = Field(None, max_length=MAX_FILTER_IDS, description=(
+        "an allow-list: only these items (ids the model does not know are ignored)"))
+
+    def to_filter(self) -> ItemFilter:
+        return ItemFilter(include=self.include, exclude=self.exclude, item_ids=self.item_ids)
+
+
 class RecommendRequest(Body):
     user_id: Id
     k: int | None = Field(None, ge=1, description="items to return (default: DEFAULT_K)")
@@ -54,6 +77,9 @@ class RecommendRequest(Body):
     use_stored_history: bool = Field(True, description="read the user's history from the store")
     exclude: list[Id] = Field(default_factory=list)
     exclude_seen: bool = Field(False, description="drop items in the history from the results")
+    filter: FilterBody | None = Field(None, description=(
+        "answer with the best k among the items it allows (applied inside retrieval); an "
+        "unknown field or value is a 422, a filter that allows nothing an empty list"))
     diversity: float = Field(0.0, ge=0.0, le=1.0, description=(
         "0: the K interests' items merged by score; up to 1: places go to interests not yet "
         "represented in the list at the cost of score (ignored with ADAPTIVE_INTERESTS)"))
@@ -101,6 +127,19 @@ class RecommendResponse(BaseModel):
     degraded: bool = Field(False, description="the history store was unreachable: only the "
                                               "request's own history was used (none: the "
                                               "popularity fallback)")
+
+
+class SimilarItem(BaseModel):
+    item_id: str
+    score: float = Field(description="inner product of the two items' vectors")
+    title: str | None = None
+
+
+class SimilarResponse(BaseModel):
+    item_id: str
+    model_name: str
+    model_version: int
+    items: list[SimilarItem]
 
 
 class EventIn(Body):
@@ -180,8 +219,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def invalid(field: tuple[str | int, ...], message: str, value: Any,
-            kind: str = "value_error") -> RequestValidationError:
+            kind: str = "value_error", where: str = "body") -> RequestValidationError:
     """A 422 for a limit that lives in the settings (so not in the schema), shaped like every
     other 422: detail is a list of {loc, msg, type}."""
-    return RequestValidationError([{"type": kind, "loc": ("body", *field), "msg": message,
+    return RequestValidationError([{"type": kind, "loc": (where, *field), "msg": message,
                                     "input": value}])

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from service.bundle.format import (
+    CATEGORY_FIELD,
     ENCODER,
     ENCODER_INPUT,
     ENCODER_OUTPUT,
@@ -26,6 +27,7 @@ from service.bundle.format import (
     ITEM_EMBEDDINGS,
     ITEMS,
     POPULARITY,
+    YEAR_FIELD,
     publish,
     write_items,
 )
@@ -274,6 +276,17 @@ def append_items(model: MultiInterestEncoder, rows: np.ndarray) -> None:
     model.n_items += len(rows)
 
 
+def item_field_values(categories: list[str], years: list[float]
+                      ) -> dict[str, list[list[str]]]:
+    """Each item's values of the bundle's filterable fields (service.bundle.format.ITEM_FIELDS):
+    its '|'-separated categories and its year (none when unknown)."""
+    return {
+        CATEGORY_FIELD: [[c.strip() for c in str(cats).split("|") if c.strip()]
+                         for cats in categories],
+        YEAR_FIELD: [[str(int(y))] if np.isfinite(y) else [] for y in years],
+    }
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -307,6 +320,7 @@ def publish_bundle(
     with torch.no_grad():
         vectors = model.item_vectors().numpy().astype(np.float32)
     item_ids, titles = dataset.item_ids[1:].tolist(), dataset.titles[1:].tolist()
+    categories, years = list(dataset.categories[1:]), list(dataset.years[1:])
     popularity = dataset.popularity()[1:]
     text_only_rows: list[int] = []
     if text_only is not None:
@@ -318,6 +332,8 @@ def publish_bundle(
         vectors = np.concatenate([vectors, placed])
         item_ids += text_only.item_ids.astype(str).tolist()
         titles += text_only.titles.astype(str).tolist()
+        categories += list(text_only.categories)
+        years += list(text_only.years)
         popularity = np.concatenate([popularity, np.zeros(len(placed), popularity.dtype)])
     real = np.concatenate([dataset.eval_split("valid", cfg.maxlen).histories,
                            dataset.eval_split("test", cfg.maxlen).histories])
@@ -341,7 +357,8 @@ def publish_bundle(
         faiss.write_index(index, str(staging / INDEX))
         np.save(staging / ITEM_EMBEDDINGS, vectors)
         np.save(staging / POPULARITY, popularity)
-        write_items(staging / ITEMS, item_ids, titles, text_only_rows)
+        write_items(staging / ITEMS, item_ids, titles, text_only_rows,
+                    item_field_values(categories, years))
         if naming is not None:
             write_naming(staging, naming)
         manifest["extra"].update(parity_max_abs_diff=parity, export_seconds=export_seconds)

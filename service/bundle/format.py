@@ -5,7 +5,9 @@ A bundle is a directory `models/<name>/<version>/` (integer versions, TF Serving
     encoder.onnx         item_ids int64 [batch, maxlen] -> interests float32 [batch, K, d]
     item_embeddings.npy  float32 [N, d]; row i is internal item id i + 1
     items.faiss          FAISS index over the item embeddings (FAISS's own format)
-    items.json           {"item_ids": [N external ids], "titles": [N titles]}
+    items.json           {"item_ids": [N external ids], "titles": [N titles],
+                          "text_only": [rows placed by their text],
+                          "fields": {field: {value: [rows holding it]}}}
     popularity.npy       int64 [N] training interaction counts (popularity fallback)
     manifest.json        written last; lists every other file with its size and sha256
 
@@ -240,13 +242,41 @@ def verify_files(path: Path, manifest: Manifest) -> None:
             raise BundleError(f"{file}: checksum mismatch (file changed after publishing)")
 
 
+# The filterable item fields a bundle carries (items.json "fields"), from the items file:
+# `category` (its '|'-separated categories) and `year`. Values are strings.
+CATEGORY_FIELD, YEAR_FIELD = "category", "year"
+ITEM_FIELDS = (CATEGORY_FIELD, YEAR_FIELD)
+
+FieldPostings = dict[str, dict[str, list[int]]]  # field -> value -> rows (ascending)
+
+
+def field_postings(values_per_item: dict[str, list[list[str]]]) -> FieldPostings:
+    """Per field, each item's values (row i: item_ids[i]) -> value -> the rows holding it:
+    what a filter needs, in a form that loads without a pass over every item."""
+    postings: FieldPostings = {}
+    for name, per_item in values_per_item.items():
+        by_value: dict[str, list[int]] = {}
+        for row, values in enumerate(per_item):
+            for value in dict.fromkeys(values):
+                by_value.setdefault(value, []).append(row)
+        postings[name] = by_value
+    return postings
+
+
 def write_items(path: Path, item_ids: list[str], titles: list[str],
-                text_only: list[int] | None = None) -> None:
+                text_only: list[int] | None = None,
+                fields: dict[str, list[list[str]]] | None = None) -> None:
     """items.json: the id map (row i of the index and the item table is item_ids[i]), the
-    titles, and `text_only`: the rows of items without any interaction, placed by their text
-    (trainer/semantics/text_only.py)."""
+    titles, `text_only`: the rows of items without any interaction, placed by their text
+    (trainer/semantics/text_only.py), and `fields`: each item's values per filterable field
+    (ITEM_FIELDS), stored as postings (field_postings)."""
+    for name, per_item in (fields or {}).items():
+        if len(per_item) != len(item_ids):
+            raise BundleError(f"{path}: field {name!r} has {len(per_item)} rows, "
+                              f"{len(item_ids)} items")
     with open(path, "w") as fh:
-        json.dump({"item_ids": item_ids, "titles": titles, "text_only": text_only or []}, fh)
+        json.dump({"item_ids": item_ids, "titles": titles, "text_only": text_only or [],
+                   "fields": field_postings(fields or {})}, fh)
 
 
 DEFAULT_MODEL_NAME = "recommender"  # models/<name>/: the trainer's default and the service's

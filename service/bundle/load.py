@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ class Bundle:
     item_ids: np.ndarray  # external ids (str), row i = internal id i + 1
     titles: np.ndarray
     popularity: np.ndarray  # [N]
+    # Filterable fields: field -> value -> the rows holding it (int64, ascending).
+    fields: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     # What is memory-mapped ("index", "item_embeddings.npy", "encoder:<initializer>", ...).
     mapped: tuple[str, ...] = ()
     # Arrays that back the session's mapped initializers: they must outlive the session.
@@ -127,13 +129,22 @@ def load_bundle(path: Path | str, threads: int = 1, verify: bool = True,
         items = json.loads((path / ITEMS).read_text())
         item_ids = np.array([str(i) for i in items["item_ids"]], dtype=object)
         titles = np.array(items.get("titles") or [""] * n, dtype=object)
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        fields = {str(name): {str(value): np.asarray(rows, dtype=np.int64)
+                              for value, rows in values.items()}
+                  for name, values in (items.get("fields") or {}).items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError,
+            UnicodeDecodeError) as exc:
         raise BundleError(f"{path / ITEMS}: unreadable id map ({exc})") from exc
     if len(item_ids) != n or len(titles) != n:
         raise BundleError(f"{path / ITEMS}: {len(item_ids)} ids, manifest says {n}")
+    for name, values in fields.items():
+        for value, rows in values.items():
+            if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= n)):
+                raise BundleError(f"{path / ITEMS}: field {name!r} value {value!r} lists rows "
+                                  f"outside the catalogue of {n}")
     naming = read_naming(path, d) if NAMING in manifest.files else None
     bundle = Bundle(path, manifest, session, index, vectors, item_ids, titles, popularity,
-                    mapped=tuple(mapped), pinned=tuple(pinned), naming=naming)
+                    fields=fields, mapped=tuple(mapped), pinned=tuple(pinned), naming=naming)
     smoke_test(bundle)
     return bundle
 

@@ -60,10 +60,10 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
 
     async def recommend(self, model: Recommender, history: list[str], k: int,
-                        exclude: list[str], fanout: int, shaping: Shaping = DEFAULT_SHAPING
-                        ) -> Recommendation:
+                        exclude: list[str], fanout: int, shaping: Shaping = DEFAULT_SHAPING,
+                        allowed: np.ndarray | None = None) -> Recommendation:
         """Model.recommend, with the encoder run and the search shared with batch-mates."""
-        prepared = model.prepare(history, k, exclude, fanout, shaping)
+        prepared = model.prepare(history, k, exclude, fanout, shaping, allowed)
         if isinstance(prepared, Recommendation):  # popularity fallback: nothing to compute
             return prepared
         return await self.submit(model, prepared)
@@ -174,7 +174,14 @@ def compute_together(model: Recommender, jobs: list[Job]) -> dict[Job, Outcome]:
     search, so every request gets exactly the candidates it would get alone)."""
     interests = model.encode(np.stack([job.query.row for job in jobs]))  # [B, K, d]
     outcomes: dict[Job, Outcome] = {}
-    for n, members in groups(range(len(jobs)), lambda i: jobs[i].query.n).items():
+    filtered = [i for i, job in enumerate(jobs) if job.query.allowed is not None]
+    for i in filtered:  # a filter restricts the whole search: one search each
+        query = jobs[i].query
+        assert query.allowed is not None
+        scores, rows = model.search_rows(interests[i], query.n, query.allowed)
+        outcomes[jobs[i]] = finish(model, query, scores, rows, interests[i])
+    plain = [i for i, job in enumerate(jobs) if job.query.allowed is None]
+    for n, members in groups(plain, lambda i: jobs[i].query.n).items():
         scores, rows = model.search(interests[members], n)
         for j, i in enumerate(members):
             outcomes[jobs[i]] = finish(model, jobs[i].query, scores[j], rows[j], interests[i])

@@ -4,12 +4,19 @@ reference assignment and requests in flight finish on the model they started wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import faiss
 import numpy as np
 
 from service.bundle.load import Bundle
+from service.serving.filters import (
+    EXACT_FILTER_MAX_ROWS,
+    ItemFilter,
+    allowed_rows,
+    exact_search,
+    restricted_search,
+)
 from service.serving.interest_names import InterestNamer
 from service.serving.retrieval import (
     adapt_interests,
@@ -70,6 +77,14 @@ class Query:
     used_history: int
     unknown_items: int
     shaping: Shaping = DEFAULT_SHAPING
+    allowed: np.ndarray | None = None  # a filter's rows (ascending); None: every row
+
+
+@dataclass
+class SimilarItems:
+    item_ids: list[str]
+    titles: list[str]
+    scores: list[float]
 
 
 class Recommender:
@@ -90,10 +105,18 @@ class Recommender:
         known = [self.internal[i] for i in item_ids if i in self.internal]
         return known, len(item_ids) - len(known)
 
+    def allowed_rows(self, item_filter: ItemFilter | None) -> np.ndarray | None:
+        """The rows a filter allows (None: no filter); FilterError names an unknown field or
+        value."""
+        if not item_filter:
+            return None
+        return allowed_rows(item_filter, self.bundle.fields, self.internal, self.item_count)
+
     def recommend(self, history: list[str], k: int, exclude: list[str] | None = None,
-                  fanout: int = 50, shaping: Shaping = DEFAULT_SHAPING) -> Recommendation:
+                  fanout: int = 50, shaping: Shaping = DEFAULT_SHAPING,
+                  allowed: np.ndarray | None = None) -> Recommendation:
         """One request alone: prepare, one ONNX run, one FAISS search, finish."""
-        query = self.prepare(history, k, exclude, fanout, shaping)
+        query = self.prepare(history, k, exclude, fanout, shaping, allowed)
         if isinstance(query, Recommendation):
             return query
         return self.compute(query)
@@ -101,27 +124,38 @@ class Recommender:
     def compute(self, query: Query) -> Recommendation:
         """A prepared query alone: one ONNX run, one FAISS search, finish."""
         interests = self.encode(query.row[None])
+        if query.allowed is not None:
+            scores, rows = self.search_rows(interests[0], query.n, query.allowed)
+            return self.finish(query, scores, rows, interests[0])
         scores, rows = self.search(interests, query.n)
         return self.finish(query, scores[0], rows[0], interests[0])
 
     def prepare(self, history: list[str], k: int, exclude: list[str] | None = None,
-                fanout: int = 50, shaping: Shaping = DEFAULT_SHAPING) -> Query | Recommendation:
+                fanout: int = 50, shaping: Shaping = DEFAULT_SHAPING,
+                allowed: np.ndarray | None = None) -> Query | Recommendation:
         """The per-request part before the encoder (cheap, no model run): a Query to compute,
-        or the finished answer when there is nothing to encode (popularity fallback). Split
-        out so that a batcher can stack many requests' rows into one encoder run."""
+        or the finished answer when there is nothing to encode (popularity fallback, or a
+        filter that allows nothing). Split out so that a batcher can stack many requests'
+        rows into one encoder run. `allowed`: a filter's rows (allowed_rows)."""
         known, unknown = self.to_internal(history)
         excluded = np.array(sorted({self.internal[i] - 1 for i in (exclude or [])
                                     if i in self.internal}), dtype=np.int64)
-        k = min(k, self.item_count - len(excluded))
+        if allowed is not None:
+            excluded = excluded[np.isin(excluded, allowed)]  # the others cannot come back
+        pool = self.item_count if allowed is None else len(allowed)
+        k = min(k, pool - len(excluded))
         if not known:
-            return self._popular(k, excluded, unknown)
+            return self._popular(k, excluded, unknown, allowed)
+        if k == 0:  # the filter allows nothing (else): an empty list, not a fallback
+            return replace(self._popular(0, excluded, unknown), fallback=False,
+                           used_history=min(len(known), self.maxlen))
         recent = known[-self.maxlen :]
         row = np.zeros(self.maxlen, dtype=np.int64)
         row[self.maxlen - len(recent) :] = recent
         # Enough candidates per interest that exclusions and duplicates still leave k.
-        n = min(self.item_count, max(fanout, k + len(excluded)))
+        n = min(pool, max(fanout, k + len(excluded)))
         return Query(row=row, k=k, n=n, excluded=excluded, used_history=len(recent),
-                     unknown_items=unknown, shaping=shaping)
+                     unknown_items=unknown, shaping=shaping, allowed=allowed)
 
     def encode(self, rows: np.ndarray) -> np.ndarray:
         """Histories [B, maxlen] -> interests [B, K, d] (one ONNX run)."""
@@ -136,6 +170,38 @@ class Recommender:
         b, k, d = interests.shape
         scores, rows = self.bundle.search(interests.reshape(b * k, d), n)
         return scores.reshape(b, k, n), rows.reshape(b, k, n)
+
+    def search_rows(self, queries: np.ndarray, n: int, allowed: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Queries [Q, d] -> (scores, rows) [Q, <= n] among the `allowed` rows only: the best
+        allowed items, not a post-filtered top-n (service/serving/filters.py)."""
+        info = self.bundle.manifest.index
+        if info.kind == "flat" or len(allowed) <= EXACT_FILTER_MAX_ROWS:
+            return exact_search(queries, self.bundle.item_vectors, allowed, n)
+        if self.search_threads and faiss.omp_get_max_threads() != self.search_threads:
+            faiss.omp_set_num_threads(self.search_threads)
+        return restricted_search(self.bundle.index, info.kind, info.search_params, queries,
+                                 allowed, n)
+
+    def similar(self, item_id: str, k: int, allowed: np.ndarray | None = None
+                ) -> SimilarItems:
+        """The k items nearest `item_id` by the bundle's item vectors (inner product, through
+        the same index and filters as recommendations), the item itself left out. KeyError
+        for an id the bundle does not know."""
+        row = self.internal[item_id] - 1
+        query = np.asarray(self.bundle.item_vectors[row : row + 1], dtype=np.float32)
+        if allowed is not None:
+            allowed = allowed[allowed != row]
+            scores, rows = self.search_rows(query, k, allowed)
+        else:
+            n = min(k + 1, self.item_count)
+            scores, rows = self.search(query[None], n)
+            scores, rows = scores[0], rows[0]
+        keep = (rows[0] >= 0) & (rows[0] != row)
+        top, best = rows[0][keep][:k], scores[0][keep][:k]
+        return SimilarItems(item_ids=self.bundle.item_ids[top].tolist(),
+                            titles=self.bundle.titles[top].tolist(),
+                            scores=best.astype(float).tolist())
 
     def finish(self, query: Query, scores: np.ndarray, rows: np.ndarray,
                interests: np.ndarray) -> Recommendation:
@@ -169,8 +235,13 @@ class Recommender:
             unknown_items=query.unknown_items, interest_counts=counts,
             interest_details=details)
 
-    def _popular(self, k: int, excluded: np.ndarray, unknown: int) -> Recommendation:
-        rows = self.popular_rows[: k + len(excluded)]
+    def _popular(self, k: int, excluded: np.ndarray, unknown: int,
+                 allowed: np.ndarray | None = None) -> Recommendation:
+        if allowed is None:
+            rows = self.popular_rows[: k + len(excluded)]
+        else:  # the most popular allowed rows
+            rows = allowed[np.argsort(-self.bundle.popularity[allowed], kind="stable")]
+            rows = rows[: k + len(excluded)]
         if len(excluded):
             rows = rows[~np.isin(rows, excluded)]
         rows = rows[:k]

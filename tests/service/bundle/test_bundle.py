@@ -118,3 +118,22 @@ def test_bundle_format_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_field_postings_outside_the_catalogue_are_refused_naming_them(copy_of):
+    """items.json's filter postings are checked at load (verify=False: a bundle published by
+    a faulty exporter has matching checksums)."""
+    from service.bundle.format import ITEMS
+
+    path = copy_of / "1" / ITEMS
+    items = json.loads(path.read_text())
+    assert items["fields"]["category"]  # the tiny bundle carries its categories
+    items["fields"]["category"]["topic-0"].append(10**6)
+    path.write_text(json.dumps(items))
+    with pytest.raises(BundleError, match="items.json: field 'category' value 'topic-0' lists "
+                                          "rows outside the catalogue"):
+        load_bundle(copy_of / "1", verify=False)
+    items["fields"] = {"category": ["not", "postings"]}
+    path.write_text(json.dumps(items))
+    with pytest.raises(BundleError, match="items.json: unreadable id map"):
+        load_bundle(copy_of / "1", verify=False)

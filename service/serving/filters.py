@@ -1,0 +1,125 @@
+"""Item filters: which rows of a bundle a request may be answered with, and the best items
+among exactly those rows (docs/architecture.md, "Filters").
+
+A filter is resolved against the bundle's field postings (items.json "fields") to the sorted
+rows it allows, once per request. Retrieval then searches only those rows, so a filtered answer
+is the best k among the allowed items, not what is left of an unfiltered top-k:
+
+* few rows (at most EXACT_FILTER_MAX_ROWS) or an exact (flat) index: an exact inner-product
+  search over the allowed rows' vectors;
+* many rows on an approximate index: the index's own search restricted by a FAISS
+  `IDSelector`, with the bundle's search parameters (HNSW's efSearch, IVF's nprobe).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+# Up to this many allowed rows an exact search over them is cheaper than a restricted ANN
+# search (and exact); above it the ANN index with an IDSelector.
+EXACT_FILTER_MAX_ROWS = 20_000
+
+
+class FilterError(ValueError):
+    """A filter names a field or value the bundle does not have; `loc` says where."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str, value: object) -> None:
+        super().__init__(message)
+        self.loc, self.message, self.value = loc, message, value
+
+
+@dataclass(frozen=True)
+class ItemFilter:
+    """include: field -> values; an item must hold one of the values of every listed field.
+    exclude: field -> values; an item holding any of them is left out. item_ids: an
+    allow-list of external ids (ids the bundle does not know are ignored)."""
+
+    include: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    exclude: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    item_ids: Sequence[str] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.include or self.exclude or self.item_ids is not None)
+
+
+def _postings(fields: Mapping[str, Mapping[str, np.ndarray]], part: str, name: str,
+              values: Sequence[str]) -> list[np.ndarray]:
+    known = fields.get(name)
+    if known is None:
+        choices = ", ".join(sorted(fields)) or "none (this model's items carry no fields)"
+        raise FilterError(("filter", part, name), f"unknown field {name!r}; fields: {choices}",
+                          name)
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise FilterError(("filter", part, name),
+                          f"unknown value(s) of {name!r}: {', '.join(map(repr, unknown))}",
+                          unknown)
+    return [known[v] for v in values]
+
+
+def allowed_rows(item_filter: ItemFilter, fields: Mapping[str, Mapping[str, np.ndarray]],
+                 internal: Mapping[str, int], item_count: int) -> np.ndarray:
+    """The rows (0-based, ascending, int64) the filter allows; FilterError for an unknown
+    field or value."""
+    allowed = np.ones(item_count, dtype=bool)
+    if item_filter.item_ids is not None:
+        allowed[:] = False
+        rows = [internal[i] - 1 for i in item_filter.item_ids if i in internal]
+        allowed[np.asarray(rows, dtype=np.int64)] = True
+    for name, values in item_filter.include.items():
+        hold = np.zeros(item_count, dtype=bool)
+        for rows in _postings(fields, "include", name, values):
+            hold[rows] = True
+        allowed &= hold
+    for name, values in item_filter.exclude.items():
+        for rows in _postings(fields, "exclude", name, values):
+            allowed[rows] = False
+    return np.flatnonzero(allowed)
+
+
+def exact_search(queries: np.ndarray, vectors: np.ndarray, rows: np.ndarray, n: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """queries [Q, d] against vectors[rows] only: (scores, rows) [Q, min(n, len(rows))],
+    best first (inner product, as the index)."""
+    n = min(n, len(rows))
+    if n == 0:
+        return (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
+    scores = queries @ np.asarray(vectors[rows], dtype=np.float32).T  # [Q, R]
+    top = np.argpartition(-scores, n - 1, axis=1)[:, :n] if n < len(rows) else \
+        np.tile(np.arange(len(rows)), (len(queries), 1))
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    return np.take_along_axis(top_scores, order, axis=1), rows[top]
+
+
+def restricted_search(index: faiss.Index, kind: str, search_params: Mapping[str, int],
+                      queries: np.ndarray, rows: np.ndarray, n: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search` restricted to `rows` by an IDSelector, at the bundle's operating point.
+    HNSW keeps efSearch candidates whatever the filter, and about a share `selectivity` of
+    them pass it: efSearch is raised to n / selectivity, so that about n allowed candidates
+    are weighed."""
+    if len(rows) == 0:
+        return (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
+    mask = np.zeros(index.ntotal, dtype=bool)
+    mask[rows] = True
+    bitmap = np.packbits(mask, bitorder="little")
+    selector = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bitmap))
+    if kind == "hnsw":
+        params = faiss.SearchParametersHNSW()
+        selectivity = len(rows) / index.ntotal
+        params.efSearch = max(int(search_params.get("efSearch", 16)), math.ceil(n / selectivity))
+    elif kind == "ivf":
+        params = faiss.SearchParametersIVF()
+        params.nprobe = int(search_params.get("nprobe", 1))
+    else:
+        params = faiss.SearchParameters()
+    params.sel = selector  # reads `bitmap`, alive until this function returns
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(n, len(rows)),
+                        params=params)
