@@ -28,6 +28,11 @@ from service.serving.batching import Batcher
 from service.serving.recommender import Shaping
 from service.serving.variants import build_variants
 from service.settings import Settings, get_settings
+from service.store.availability import (
+    Availability,
+    InMemoryAvailabilityStore,
+    RedisAvailabilityStore,
+)
 from service.store.history import (
     EventLogFull,
     HistoryStore,
@@ -47,6 +52,13 @@ def make_store(settings: Settings) -> HistoryStore:
             settings.event_dedup_ttl_seconds, settings.event_stream_shards)
     return InMemoryHistoryStore(settings.history_max_len, settings.history_ttl_seconds,
                                 settings.event_stream_max_len, settings.event_dedup_ttl_seconds)
+
+
+def make_availability(store: HistoryStore) -> Availability:
+    """Item availability on the history store's Redis client when there is one."""
+    if isinstance(store, RedisHistoryStore):
+        return Availability(RedisAvailabilityStore(store.client))
+    return Availability(InMemoryAvailabilityStore())
 
 
 def make_attribution(settings: Settings, store: HistoryStore) -> AttributionStore:
@@ -242,6 +254,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # One model manager per A/B variant (one `default` without AB_VARIANTS).
         variants=build_variants(settings, on_reload=count_reload),
         attribution=make_attribution(settings, store),
+        availability=make_availability(store),
         batcher=Batcher(settings.batch_max_size, settings.batch_window_ms, metrics)
         if settings.batch_max_size > 1 else None,
         shaping=Shaping(
@@ -257,8 +270,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.warning("no bundle yet; not ready until one appears",
                             extra={"models_dir": str(variant.models.root),
                                    "variant": variant.name})
+        try:  # before serving: a restart must not serve what was marked unavailable
+            await state.availability.refresh()
+        except StoreUnavailable as exc:
+            log.warning("availability store unavailable at start; polling it",
+                        extra={"error": str(exc)})
         # One loop polls every variant's models; each swaps on its own.
         watcher = asyncio.create_task(state.variants.watch(settings.reload_interval_seconds))
+        availability = asyncio.create_task(
+            state.availability.watch(settings.availability_refresh_seconds))
         log.info("service started", extra={"store": state.store.kind,
                                            "models": str(state.models.root),
                                            "variants": {v.name: v.spec.label
@@ -267,9 +287,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in (watcher, availability):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if state.batcher is not None:
                 await state.batcher.close()
             await state.store.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -15,6 +15,7 @@ from service.serving.model_manager import ModelManager
 from service.serving.recommender import DEFAULT_SHAPING, Recommender, Shaping
 from service.serving.variants import Variant, Variants
 from service.settings import Settings
+from service.store.availability import Availability, InMemoryAvailabilityStore
 from service.store.history import HistoryStore
 
 
@@ -25,6 +26,8 @@ class AppState:
     variants: Variants  # the served models, one per A/B variant (service/serving/variants.py)
     attribution: AttributionStore  # which variant served which request (service/ab/)
     metrics: Metrics
+    availability: Availability = field(
+        default_factory=lambda: Availability(InMemoryAvailabilityStore()))
     batcher: Batcher | None = None  # None: each request computed alone
     shaping: Shaping = DEFAULT_SHAPING  # how interests shape answers (from the settings)
 

@@ -109,6 +109,14 @@ class Metrics:
         self.model_version = Gauge("recsys_model_version", "served bundle version, by A/B "
                                    "variant", ["variant"], registry=r,
                                    multiprocess_mode="liveall")
+        # Each worker's view of item availability (service/store/availability.py), set when
+        # /metrics is scraped: one series per live worker shows whether all have the change.
+        self.unavailable_items = Gauge(
+            "recsys_unavailable_items", "items marked unavailable (never served), as this "
+            "worker sees them", registry=r, multiprocess_mode="liveall")
+        self.availability_version = Gauge(
+            "recsys_availability_version", "version of the availability set this worker "
+            "serves with", registry=r, multiprocess_mode="liveall")
         # Set when /metrics is scraped (Redis store only), by whichever worker answers: the
         # stream is shared, so the latest reading is the value.
         self.event_stream_length = Gauge(

@@ -142,6 +142,19 @@ class SimilarResponse(BaseModel):
     items: list[SimilarItem]
 
 
+class AvailabilityChange(Body):
+    unavailable: list[Id] = Field(default_factory=list, max_length=MAX_FILTER_IDS,
+                                  description="item ids never to serve from now on")
+    available: list[Id] = Field(default_factory=list, max_length=MAX_FILTER_IDS,
+                                description="item ids to serve again")
+
+
+class AvailabilityResponse(BaseModel):
+    version: int = Field(description="the availability set's version (0: never changed)")
+    unavailable_items: int = Field(description="ids marked unavailable (any catalogue's)")
+    unavailable: list[str] | None = Field(None, description="the ids (GET only), sorted")
+
+
 class EventIn(Body):
     user_id: Id
     item_id: Id

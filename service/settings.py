@@ -86,6 +86,9 @@ class Settings(StoreSettings):
                                 "as `X-API-Key` or `Authorization: Bearer`")
     reload_interval_seconds: float = Field(5.0, gt=0, description="how often each worker looks "
                                            "for a new model version")
+    availability_refresh_seconds: float = Field(
+        0.05, gt=0, le=60, description="how often each worker polls the availability version "
+        "(one GET; the set is read only when it changed)")
     onnx_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per "
                               "model")
     faiss_threads: int = Field(0, ge=0, description="FAISS search threads; 0 = auto: 1 for an "

@@ -1,4 +1,5 @@
-"""GET /items/{item_id}/similar: "more like this" (a product page's other call).
+"""GET /items/{item_id}/similar: "more like this" (a product page's other call); POST and GET
+/items/availability: items never to serve until made available again.
 
 The nearest items by the served bundle's item vectors, through the same index and the same
 filters as POST /recommend (service/serving/filters.py), the item itself left out. Served by
@@ -7,6 +8,7 @@ the primary model (no user, so no A/B variant).
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
@@ -17,6 +19,8 @@ from service.api import events  # noqa: F401 (registers the {x:anyid} path conve
 from service.deps import State, require_api_key
 from service.schemas import (
     ERROR_RESPONSES,
+    AvailabilityChange,
+    AvailabilityResponse,
     Id,
     SimilarItem,
     SimilarResponse,
@@ -24,6 +28,7 @@ from service.schemas import (
 )
 from service.serving.filters import FilterError, ItemFilter
 
+log = logging.getLogger("service.items")
 router = APIRouter(tags=["items"], dependencies=[Depends(require_api_key)],
                    responses=ERROR_RESPONSES)
 
@@ -70,12 +75,42 @@ async def similar_items(
                             f"{model.name} v{model.version})")
     item_filter = ItemFilter(include=parse_pairs(include), exclude=parse_pairs(exclude),
                              item_ids=item_ids)
+    unavailable = state.availability.current
     try:
-        allowed = model.allowed_rows(item_filter)
+        allowed = model.allowed_rows(item_filter, unavailable)
     except FilterError as exc:  # loc ("filter", part, field) -> the query parameter
         raise invalid(exc.loc[1:], exc.message, exc.value, where="query") from exc
-    found = model.similar(item_id, k, allowed)
+    found = model.similar(item_id, k, allowed, model.unavailable_rows(unavailable))
     return SimilarResponse(
         item_id=item_id, model_name=model.name, model_version=model.version,
         items=[SimilarItem(item_id=i, score=s, title=t or None)
                for i, s, t in zip(found.item_ids, found.scores, found.titles, strict=True)])
+
+
+@router.post("/items/availability", response_model=AvailabilityResponse)
+async def change_availability(body: AvailabilityChange, state: State) -> AvailabilityResponse:
+    """Mark items unavailable (recalled, sold out) or available again, in one change: every
+    worker and replica stops serving them within AVAILABILITY_REFRESH_SECONDS (this one at
+    once), the popularity fallback and similar items included. Ids are external, so the set
+    outlives bundle swaps and restarts; ids no model knows are kept for the next one."""
+    both = sorted(set(body.unavailable) & set(body.available))
+    if both:
+        raise invalid(("available",), f"ids both unavailable and available: {both[:5]}",
+                      None)
+    snapshot = await state.availability.change(body.unavailable, body.available)
+    log.info("availability changed", extra={"unavailable": len(body.unavailable),
+                                            "available": len(body.available),
+                                            "version": snapshot.version,
+                                            "unavailable_items": len(snapshot.unavailable)})
+    return AvailabilityResponse(version=snapshot.version,
+                                unavailable_items=len(snapshot.unavailable))
+
+
+@router.get("/items/availability", response_model=AvailabilityResponse)
+async def availability(state: State) -> AvailabilityResponse:
+    """The unavailable ids as this worker serves with them (refreshed from the store)."""
+    await state.availability.refresh()
+    current = state.availability.current
+    return AvailabilityResponse(version=current.version,
+                                unavailable_items=len(current.unavailable),
+                                unavailable=sorted(current.unavailable))

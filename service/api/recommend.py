@@ -57,20 +57,24 @@ async def recommend(body: RecommendRequest, state: State) -> RecommendResponse:
             metrics.degraded.inc()
             log.warning("history store unavailable; answering without the stored history",
                         extra={"error": str(exc)})
+    unavailable = state.availability.current
     try:
-        allowed = model.allowed_rows(body.filter.to_filter() if body.filter else None)
+        allowed = model.allowed_rows(body.filter.to_filter() if body.filter else None,
+                                     unavailable)
     except FilterError as exc:
         raise invalid(exc.loc, exc.message, exc.value) from exc
+    gone = model.unavailable_rows(unavailable)
     history = stored + (body.history or [])
     exclude = body.exclude + (history if body.exclude_seen else [])
     shaping = (replace(state.shaping, diversity=body.diversity) if body.diversity
                else state.shaping)
     if state.batcher is None:  # BATCH_MAX_SIZE=1: computed alone, on the event loop
         result = model.recommend(history, k, exclude, settings.per_interest_fanout, shaping,
-                                 allowed)
+                                 allowed, gone)
     else:  # shares one encoder run and one search with concurrent requests, off the loop
         result = await state.batcher.recommend(model, history, k, exclude,
-                                               settings.per_interest_fanout, shaping, allowed)
+                                               settings.per_interest_fanout, shaping, allowed,
+                                               gone)
 
     # The middleware's X-Request-ID, so that the body and the header agree.
     request_id = request_id_var.get() or uuid.uuid4().hex

@@ -61,9 +61,10 @@ class Batcher:
 
     async def recommend(self, model: Recommender, history: list[str], k: int,
                         exclude: list[str], fanout: int, shaping: Shaping = DEFAULT_SHAPING,
-                        allowed: np.ndarray | None = None) -> Recommendation:
+                        allowed: np.ndarray | None = None,
+                        unavailable: np.ndarray | None = None) -> Recommendation:
         """Model.recommend, with the encoder run and the search shared with batch-mates."""
-        prepared = model.prepare(history, k, exclude, fanout, shaping, allowed)
+        prepared = model.prepare(history, k, exclude, fanout, shaping, allowed, unavailable)
         if isinstance(prepared, Recommendation):  # popularity fallback: nothing to compute
             return prepared
         return await self.submit(model, prepared)

@@ -24,6 +24,13 @@ from service.serving.retrieval import (
     merge_by_share,
     merge_diverse,
 )
+from service.store.availability import EMPTY as NO_UNAVAILABLE
+from service.store.availability import Snapshot
+
+# Up to this many unavailable rows (and no filter) a request excludes them, searching
+# n + this many candidates per interest in the shared batched search; above it, it searches
+# the available rows only (a restricted search of its own).
+UNAVAILABLE_AS_EXCLUSIONS = 256
 
 
 @dataclass(frozen=True)
@@ -99,24 +106,50 @@ class Recommender:
         # FAISS threads for this index (ModelManager sets it before serving); 0 = leave as is.
         self.search_threads = 0
         self.namer = InterestNamer(bundle.naming) if bundle.naming is not None else None
+        # Derived from the availability snapshot, per its version: (version, rows).
+        self._unavailable: tuple[int, np.ndarray] | None = None
+        self._available: tuple[int, np.ndarray] | None = None
 
     def to_internal(self, item_ids: list[str]) -> tuple[list[int], int]:
         """Known internal ids in order, and how many ids were unknown."""
         known = [self.internal[i] for i in item_ids if i in self.internal]
         return known, len(item_ids) - len(known)
 
-    def allowed_rows(self, item_filter: ItemFilter | None) -> np.ndarray | None:
-        """The rows a filter allows (None: no filter); FilterError names an unknown field or
-        value."""
+    def allowed_rows(self, item_filter: ItemFilter | None,
+                     unavailable: Snapshot = NO_UNAVAILABLE) -> np.ndarray | None:
+        """The rows a request may be answered with: its filter's (FilterError names an
+        unknown field or value) without the unavailable items; None: every row."""
+        gone = self.unavailable_rows(unavailable)
         if not item_filter:
-            return None
-        return allowed_rows(item_filter, self.bundle.fields, self.internal, self.item_count)
+            if len(gone) <= UNAVAILABLE_AS_EXCLUSIONS:
+                return None  # prepare excludes them: the batched search stays
+            return self._available_rows(unavailable)
+        rows = allowed_rows(item_filter, self.bundle.fields, self.internal, self.item_count)
+        return rows[~np.isin(rows, gone)] if len(gone) else rows
+
+    def unavailable_rows(self, unavailable: Snapshot) -> np.ndarray:
+        """This catalogue's rows of the unavailable ids (ascending); cached per version."""
+        cached = self._unavailable
+        if cached is None or cached[0] != unavailable.version:
+            rows = np.array(sorted(self.internal[i] - 1 for i in unavailable.unavailable
+                                   if i in self.internal), dtype=np.int64)
+            cached = self._unavailable = (unavailable.version, rows)
+        return cached[1]
+
+    def _available_rows(self, unavailable: Snapshot) -> np.ndarray:
+        cached = self._available
+        if cached is None or cached[0] != unavailable.version:
+            keep = np.ones(self.item_count, dtype=bool)
+            keep[self.unavailable_rows(unavailable)] = False
+            cached = self._available = (unavailable.version, np.flatnonzero(keep))
+        return cached[1]
 
     def recommend(self, history: list[str], k: int, exclude: list[str] | None = None,
                   fanout: int = 50, shaping: Shaping = DEFAULT_SHAPING,
-                  allowed: np.ndarray | None = None) -> Recommendation:
+                  allowed: np.ndarray | None = None, unavailable: np.ndarray | None = None
+                  ) -> Recommendation:
         """One request alone: prepare, one ONNX run, one FAISS search, finish."""
-        query = self.prepare(history, k, exclude, fanout, shaping, allowed)
+        query = self.prepare(history, k, exclude, fanout, shaping, allowed, unavailable)
         if isinstance(query, Recommendation):
             return query
         return self.compute(query)
@@ -132,14 +165,19 @@ class Recommender:
 
     def prepare(self, history: list[str], k: int, exclude: list[str] | None = None,
                 fanout: int = 50, shaping: Shaping = DEFAULT_SHAPING,
-                allowed: np.ndarray | None = None) -> Query | Recommendation:
+                allowed: np.ndarray | None = None, unavailable: np.ndarray | None = None
+                ) -> Query | Recommendation:
         """The per-request part before the encoder (cheap, no model run): a Query to compute,
         or the finished answer when there is nothing to encode (popularity fallback, or a
         filter that allows nothing). Split out so that a batcher can stack many requests'
-        rows into one encoder run. `allowed`: a filter's rows (allowed_rows)."""
+        rows into one encoder run. `allowed`: the rows the request may be answered with
+        (allowed_rows); `unavailable`: rows never to return (unavailable_rows), already
+        left out of `allowed` when there is one."""
         known, unknown = self.to_internal(history)
         excluded = np.array(sorted({self.internal[i] - 1 for i in (exclude or [])
                                     if i in self.internal}), dtype=np.int64)
+        if allowed is None and unavailable is not None and len(unavailable):
+            excluded = np.union1d(excluded, unavailable)
         if allowed is not None:
             excluded = excluded[np.isin(excluded, allowed)]  # the others cannot come back
         pool = self.item_count if allowed is None else len(allowed)
@@ -176,28 +214,29 @@ class Recommender:
         """Queries [Q, d] -> (scores, rows) [Q, <= n] among the `allowed` rows only: the best
         allowed items, not a post-filtered top-n (service/serving/filters.py)."""
         info = self.bundle.manifest.index
-        if info.kind == "flat" or len(allowed) <= EXACT_FILTER_MAX_ROWS:
+        if len(allowed) <= EXACT_FILTER_MAX_ROWS:
             return exact_search(queries, self.bundle.item_vectors, allowed, n)
         if self.search_threads and faiss.omp_get_max_threads() != self.search_threads:
             faiss.omp_set_num_threads(self.search_threads)
         return restricted_search(self.bundle.index, info.kind, info.search_params, queries,
                                  allowed, n)
 
-    def similar(self, item_id: str, k: int, allowed: np.ndarray | None = None
-                ) -> SimilarItems:
+    def similar(self, item_id: str, k: int, allowed: np.ndarray | None = None,
+                unavailable: np.ndarray | None = None) -> SimilarItems:
         """The k items nearest `item_id` by the bundle's item vectors (inner product, through
-        the same index and filters as recommendations), the item itself left out. KeyError
-        for an id the bundle does not know."""
+        the same index and filters as recommendations), the item itself left out, as are the
+        `unavailable` rows (when there is no `allowed`). KeyError for an unknown id."""
         row = self.internal[item_id] - 1
         query = np.asarray(self.bundle.item_vectors[row : row + 1], dtype=np.float32)
+        gone = unavailable if allowed is None and unavailable is not None else np.zeros(0)
         if allowed is not None:
             allowed = allowed[allowed != row]
             scores, rows = self.search_rows(query, k, allowed)
         else:
-            n = min(k + 1, self.item_count)
+            n = min(k + 1 + len(gone), self.item_count)
             scores, rows = self.search(query[None], n)
             scores, rows = scores[0], rows[0]
-        keep = (rows[0] >= 0) & (rows[0] != row)
+        keep = (rows[0] >= 0) & (rows[0] != row) & ~np.isin(rows[0], gone)
         top, best = rows[0][keep][:k], scores[0][keep][:k]
         return SimilarItems(item_ids=self.bundle.item_ids[top].tolist(),
                             titles=self.bundle.titles[top].tolist(),
