@@ -192,7 +192,11 @@ class TrainConfig:
              "(InfoNCE); it shapes the item table, which the user-side losses leave alone")
     esim_batch_items: int = esim_setting(512, "labelled items in L_item per training step",
                                          cli=False)
-    # The control that tells a semantic gain from a regularisation effect (issue 23).
+    # The controls that tell a semantic gain from a regularisation effect (issue 23).
+    esim_shuffle_items: bool = esim_setting(
+        False, "a control for L_item: the labelled items' semantic interests are permuted "
+               "among the items (each interest keeps its item count), so no true grouping "
+               "of items is left; the pulls are random")
     esim_shuffle_labels: bool = esim_setting(
         False, "a control: the semantic interests are permuted among the labelled groups "
                "(users' and items' groups keep their structure and get another group's "

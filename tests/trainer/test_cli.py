@@ -218,13 +218,15 @@ CONFIG_FLAGS = {
     "--min-item-count", "--train-events",  # issue 23: sparse regimes (5 and all by default)
     "--shuffle-item-text",  # issue 23: the shuffled-label control of --item-text
     "--text-only-items", "--text-only-length",  # issue 23: new items placed by their text
+    # issue 23: ESIM on the item side (0, off, by default) and its two controls
+    "--esim-item-weight", "--esim-shuffle-labels", "--esim-shuffle-items",
 }
 OTHER_TRAIN_FLAGS = {
     "-h", "--help", "--dataset", "--data", "--items", "--format", "--synthetic", "--run-dir",
     "--llm-base-url", "--llm-model", "--llm-cache", "--out", "--name", "--index",
     "--if-missing", "--no-progress",
 }
-NOT_ON_CLI_FIELDS = {"negatives_per_example", "min_user_count"}
+NOT_ON_CLI_FIELDS = {"negatives_per_example", "min_user_count", "esim_batch_items"}
 
 
 def train_subparser():

@@ -143,6 +143,9 @@ class EsimObjective:
             self.heads = EsimHeads(cfg.dim, n_labels)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         items, item_proto = labelled_items(histories, owner, positions, self.proto.numpy())
+        if cfg.esim_shuffle_items:  # the stronger control: no grouping of items is left
+            item_proto = np.random.default_rng([cfg.seed, ESIM_SEED_OFFSET, 1]).permutation(
+                item_proto)
         self.items, self.item_proto = torch.from_numpy(items), torch.from_numpy(item_proto)
 
     def parameters(self):

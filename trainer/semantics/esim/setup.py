@@ -83,7 +83,7 @@ def prepare_esim(model: MultiInterestEncoder, dataset: SequenceDataset, cfg: Tra
         "supervised_users": len(np.unique(sup.users)),
         "semantic_interests": len(sup.texts), "vocabulary": int(labels.max()) + 1,
         "labelled_items": len(np.unique(objective.items)),
-        "shuffled_labels": cfg.esim_shuffle_labels,
+        "shuffled_labels": cfg.esim_shuffle_labels, "shuffled_items": cfg.esim_shuffle_items,
         "llm": stats.to_dict(),
     }
     if run_dir is not None:

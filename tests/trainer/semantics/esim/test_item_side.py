@@ -149,3 +149,17 @@ def test_cli_trains_the_item_side_and_its_shuffled_control(tmp_path, capsys):
 def test_item_weight_is_validated():
     with pytest.raises(ValueError, match="esim_item_weight"):
         TrainConfig(esim_item_weight=-1.0)
+
+
+def test_shuffled_items_keep_each_interests_item_count_and_break_the_grouping():
+    n = 40
+    histories = np.arange(1, n + 1, dtype=np.int64)[None]
+    protos = np.repeat(np.arange(4), 10)  # items 1-10: interest 0, 11-20: interest 1, ...
+    args = (histories, np.zeros(n, dtype=np.int64), np.eye(n, dtype=np.float32),
+            np.eye(4, 384, dtype=np.float32), np.arange(4))
+    real = EsimObjective(TrainConfig(maxlen=n), *args, proto=protos)
+    shuffled = EsimObjective(TrainConfig(maxlen=n, esim_shuffle_items=True), *args,
+                             proto=protos)
+    assert torch.equal(real.items, shuffled.items)
+    assert torch.equal(real.item_proto.bincount(), shuffled.item_proto.bincount())
+    assert (real.item_proto != shuffled.item_proto).float().mean() > 0.5
