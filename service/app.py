@@ -32,6 +32,7 @@ from service.store.availability import (
     Availability,
     InMemoryAvailabilityStore,
     RedisAvailabilityStore,
+    Snapshot,
 )
 from service.store.history import (
     EventLogFull,
@@ -54,11 +55,17 @@ def make_store(settings: Settings) -> HistoryStore:
                                 settings.event_stream_max_len, settings.event_dedup_ttl_seconds)
 
 
-def make_availability(store: HistoryStore) -> Availability:
-    """Item availability on the history store's Redis client when there is one."""
-    if isinstance(store, RedisHistoryStore):
-        return Availability(RedisAvailabilityStore(store.client))
-    return Availability(InMemoryAvailabilityStore())
+def make_availability(store: HistoryStore, metrics: Metrics) -> Availability:
+    """Item availability on the history store's Redis client when there is one; each
+    snapshot this worker adopts sets its gauges."""
+
+    def on_change(snapshot: Snapshot) -> None:
+        metrics.unavailable_items.set(len(snapshot.unavailable))
+        metrics.availability_version.set(snapshot.version)
+
+    backend = (RedisAvailabilityStore(store.client) if isinstance(store, RedisHistoryStore)
+               else InMemoryAvailabilityStore())
+    return Availability(backend, on_change)
 
 
 def make_attribution(settings: Settings, store: HistoryStore) -> AttributionStore:
@@ -254,7 +261,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # One model manager per A/B variant (one `default` without AB_VARIANTS).
         variants=build_variants(settings, on_reload=count_reload),
         attribution=make_attribution(settings, store),
-        availability=make_availability(store),
+        availability=make_availability(store, metrics),
         batcher=Batcher(settings.batch_max_size, settings.batch_window_ms, metrics)
         if settings.batch_max_size > 1 else None,
         shaping=Shaping(

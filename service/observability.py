@@ -110,7 +110,7 @@ class Metrics:
                                    "variant", ["variant"], registry=r,
                                    multiprocess_mode="liveall")
         # Each worker's view of item availability (service/store/availability.py), set when
-        # /metrics is scraped: one series per live worker shows whether all have the change.
+        # it adopts a change: one series per live worker shows whether all have it.
         self.unavailable_items = Gauge(
             "recsys_unavailable_items", "items marked unavailable (never served), as this "
             "worker sees them", registry=r, multiprocess_mode="liveall")

@@ -44,9 +44,6 @@ async def readyz(state: State) -> JSONResponse:
             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}},
                              "description": "Prometheus text format"}})
 async def metrics(state: State) -> Response:
-    current = state.availability.current
-    state.metrics.unavailable_items.set(len(current.unavailable))
-    state.metrics.availability_version.set(current.version)
     stats = await state.store.stream_stats()
     if stats is not None:
         state.metrics.event_stream_length.set(stats.length)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -110,9 +111,11 @@ class InMemoryAvailabilityStore:
 class Availability:
     """A worker's view: the latest snapshot it has seen, refreshed by `watch`."""
 
-    def __init__(self, store: AvailabilityStore) -> None:
+    def __init__(self, store: AvailabilityStore,
+                 on_change: Callable[[Snapshot], None] | None = None) -> None:
         self.store = store
         self.current = EMPTY
+        self.on_change = on_change  # e.g. this worker's gauges
 
     async def change(self, unavailable: list[str], available: list[str]) -> Snapshot:
         snapshot = await self.store.change(unavailable, available)
@@ -122,7 +125,12 @@ class Availability:
     def adopt(self, snapshot: Snapshot) -> None:
         # Never back to an older snapshot (a poll that raced this worker's own change).
         if snapshot.version > self.current.version:
-            self.current = snapshot
+            self._set(snapshot)
+
+    def _set(self, snapshot: Snapshot) -> None:
+        self.current = snapshot
+        if self.on_change is not None:
+            self.on_change(snapshot)
 
     async def refresh(self) -> None:
         """Load the set when its version moved (one GET otherwise). A version below ours
@@ -131,7 +139,7 @@ class Availability:
         if version > self.current.version:
             self.adopt(await self.store.snapshot())
         elif version < self.current.version:
-            self.current = await self.store.snapshot()
+            self._set(await self.store.snapshot())
 
     async def watch(self, interval: float) -> None:
         """Poll until cancelled; an unreachable store keeps the last snapshot (logged once

@@ -300,3 +300,30 @@ def test_auto_faiss_threads_split_the_cores_between_workers(monkeypatch):
     assert [search_threads(0, served(kind), workers=3) for kind in kinds] == [1, 2, 2, 2]
     assert search_threads(0, served("hnsw"), workers=16) == 1
     assert search_threads(3, served("flat"), workers=2) == 3  # a setting wins
+
+
+def test_an_unavailable_item_leaves_both_workers_of_two_replicas(models_dir, redis_url,
+                                                                 tmp_path):
+    """Two replicas of two workers each on one Redis: marked through one worker, the item is
+    gone from every worker's answers after the poll interval, and back when available."""
+    with serve(models_dir, tmp_path / "a.log", 2, redis_url=redis_url) as first, \
+            serve(models_dir, tmp_path / "b.log", 2, redis_url=redis_url) as second:
+        probe = first.post("/recommend", {"user_id": "p", "k": 4}).json()
+        history = [i["item_id"] for i in probe["items"]]
+        request = {"user_id": "u", "k": 5, "history": history, "use_stored_history": False}
+        top = first.post("/recommend", request).json()["items"][0]["item_id"]
+
+        def answers(server: Server, rounds: int = 12) -> list[list[str]]:
+            return [[i["item_id"] for i in server.post("/recommend", request).json()["items"]]
+                    for _ in range(rounds)]  # new connections: both workers answer
+
+        assert all(top in ids for ids in answers(first) + answers(second))
+        assert first.post("/items/availability", {"unavailable": [top]}).status_code == 200
+        time.sleep(0.2)  # AVAILABILITY_REFRESH_SECONDS is 0.05
+        assert not any(top in ids for ids in answers(first) + answers(second))
+        views = [metric(s.get("/metrics").text, "recsys_availability_version", pid=str(pid))
+                 for s in (first, second) for pid in s.workers]
+        assert views == [1.0] * 4  # every worker of both replicas has the change
+        assert second.post("/items/availability", {"available": [top]}).status_code == 200
+        time.sleep(0.2)
+        assert all(top in ids for ids in answers(first) + answers(second))
