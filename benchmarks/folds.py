@@ -248,6 +248,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=ARGS",
                         help="a name and the trainer arguments of one variant (repeatable)")
     parser.add_argument("--folds", type=int, default=10)
+    parser.add_argument("--first-folds", type=int, default=None, metavar="M",
+                        help="train and compare on folds 0..M-1 of the N-fold split only (a "
+                             "screen: those folds' users); default all N")
     parser.add_argument("--seeds", type=int, default=1,
                         help="training seeds per fold (0..N-1); intervals then resample runs "
                              "as well as users")
@@ -263,19 +266,21 @@ def main() -> None:
         if not name or name == MOSTPOP or name in variants:
             parser.error(f"--variant {spec!r}: give a new NAME=ARGS ({MOSTPOP!r} is built in)")
         variants[name] = shlex.split(rest)
-    jobs = [(name, seed, fold) for seed in range(args.seeds) for fold in range(args.folds)
+    used = range(args.folds if args.first_folds is None else min(args.first_folds, args.folds))
+    jobs = [(name, seed, fold) for seed in range(args.seeds) for fold in used
             for name in variants]
     with ThreadPoolExecutor(args.jobs) as pool:
         done = dict(zip(jobs, pool.map(
             lambda job: run_fold(job[0], variants[job[0]], job[2], args.folds, args.dataset,
                                  args.out, args.threads, job[1], args.seeds), jobs),
             strict=True))
-    per_seed = {name: [[done[(name, s, f)] for f in range(args.folds)]
+    per_seed = {name: [[done[(name, s, f)] for f in used]
                        for s in range(args.seeds)] for name in variants}
     results = per_seed if args.seeds > 1 else {n: runs[0] for n, runs in per_seed.items()}
     users, folds, arrays = load(results)
     summary = {
-        "dataset": args.dataset, "folds": args.folds, "seeds": args.seeds, "users": len(users),
+        "dataset": args.dataset, "folds": args.folds, "folds_used": len(used),
+        "seeds": args.seeds, "users": len(users),
         "variants": {name: shlex.join(a) for name, a in variants.items()},
         "means": {name: {m: float(v[m].mean()) for m in METRICS} for name, v in arrays.items()},
         "train_time": {name: training_time([p for runs in per_seed[name] for p in runs])
