@@ -5,10 +5,10 @@ A filter is resolved against the bundle's field postings (items.json "fields") t
 rows it allows, once per request. Retrieval then searches only those rows, so a filtered answer
 is the best k among the allowed items, not what is left of an unfiltered top-k:
 
-* few rows (at most EXACT_FILTER_MAX_ROWS) or an exact (flat) index: an exact inner-product
-  search over the allowed rows' vectors;
-* many rows on an approximate index: the index's own search restricted by a FAISS
-  `IDSelector`, with the bundle's search parameters (HNSW's efSearch, IVF's nprobe).
+* few rows (at most EXACT_FILTER_MAX_ROWS): an exact inner-product search over the allowed
+  rows' vectors;
+* many rows: the index's own search restricted by a FAISS `IDSelector` (exact for a flat
+  index), with the bundle's search parameters (HNSW's efSearch, IVF's nprobe).
 """
 
 from __future__ import annotations
