@@ -106,6 +106,7 @@ class ChatServer:
                     step = server.script.pop(0) if server.script else ("answer", json.dumps(GOOD))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                self.counted = True
                 try:
                     if self.path != "/v1/chat/completions":
                         return self._send(404, {"error": "not found"})
@@ -120,10 +121,19 @@ class ChatServer:
                         "choices": [{"index": 0, "finish_reason": "stop",
                                      "message": {"role": "assistant", "content": step[1]}}]})
                 finally:
+                    self._leave()
+
+            def _leave(self):
+                """No longer in flight: before the answer is written, or the client's next
+                request (sent as soon as it reads this one's answer) could be counted while
+                this thread has not yet left, an overlap the client never made."""
+                if self.counted:
+                    self.counted = False
                     with server.lock:
                         server.in_flight -= 1
 
             def _send(self, code, payload, headers=None):
+                self._leave()
                 data = json.dumps(payload).encode()
                 try:
                     self.send_response(code)
