@@ -75,12 +75,11 @@ async def similar_items(
                             f"{model.name} v{model.version})")
     item_filter = ItemFilter(include=parse_pairs(include), exclude=parse_pairs(exclude),
                              item_ids=item_ids)
-    unavailable = state.availability.current
     try:
-        allowed = model.allowed_rows(item_filter, unavailable)
+        allowed, gone = model.restrict(item_filter, state.availability.current)
     except FilterError as exc:  # loc ("filter", part, field) -> the query parameter
         raise invalid(exc.loc[1:], exc.message, exc.value, where="query") from exc
-    found = model.similar(item_id, k, allowed, model.unavailable_rows(unavailable))
+    found = model.similar(item_id, k, allowed, gone)
     return SimilarResponse(
         item_id=item_id, model_name=model.name, model_version=model.version,
         items=[SimilarItem(item_id=i, score=s, title=t or None)

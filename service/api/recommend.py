@@ -57,13 +57,11 @@ async def recommend(body: RecommendRequest, state: State) -> RecommendResponse:
             metrics.degraded.inc()
             log.warning("history store unavailable; answering without the stored history",
                         extra={"error": str(exc)})
-    unavailable = state.availability.current
     try:
-        allowed = model.allowed_rows(body.filter.to_filter() if body.filter else None,
-                                     unavailable)
+        allowed, gone = model.restrict(body.filter.to_filter() if body.filter else None,
+                                       state.availability.current)
     except FilterError as exc:
         raise invalid(exc.loc, exc.message, exc.value) from exc
-    gone = model.unavailable_rows(unavailable)
     history = stored + (body.history or [])
     exclude = body.exclude + (history if body.exclude_seen else [])
     shaping = (replace(state.shaping, diversity=body.diversity) if body.diversity

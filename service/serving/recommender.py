@@ -115,17 +115,21 @@ class Recommender:
         known = [self.internal[i] for i in item_ids if i in self.internal]
         return known, len(item_ids) - len(known)
 
-    def allowed_rows(self, item_filter: ItemFilter | None,
-                     unavailable: Snapshot = NO_UNAVAILABLE) -> np.ndarray | None:
-        """The rows a request may be answered with: its filter's (FilterError names an
-        unknown field or value) without the unavailable items; None: every row."""
+    def restrict(self, item_filter: ItemFilter | None,
+                 unavailable: Snapshot = NO_UNAVAILABLE
+                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """What a request may be answered with, as `prepare` and `similar` take it:
+        (allowed, excluded). allowed: the filter's rows without the unavailable ones (None:
+        every row); excluded: unavailable rows to leave out of an unrestricted search (few
+        and no filter: the batched search stays), else None. FilterError names an unknown
+        field or value."""
         gone = self.unavailable_rows(unavailable)
         if not item_filter:
             if len(gone) <= UNAVAILABLE_AS_EXCLUSIONS:
-                return None  # prepare excludes them: the batched search stays
-            return self._available_rows(unavailable)
+                return None, gone
+            return self._available_rows(unavailable), None
         rows = allowed_rows(item_filter, self.bundle.fields, self.internal, self.item_count)
-        return rows[~np.isin(rows, gone)] if len(gone) else rows
+        return (rows[~np.isin(rows, gone)] if len(gone) else rows), None
 
     def unavailable_rows(self, unavailable: Snapshot) -> np.ndarray:
         """This catalogue's rows of the unavailable ids (ascending); cached per version."""
@@ -170,13 +174,11 @@ class Recommender:
         """The per-request part before the encoder (cheap, no model run): a Query to compute,
         or the finished answer when there is nothing to encode (popularity fallback, or a
         filter that allows nothing). Split out so that a batcher can stack many requests'
-        rows into one encoder run. `allowed`: the rows the request may be answered with
-        (allowed_rows); `unavailable`: rows never to return (unavailable_rows), already
-        left out of `allowed` when there is one."""
+        rows into one encoder run. `allowed`, `unavailable`: what `restrict` returned."""
         known, unknown = self.to_internal(history)
         excluded = np.array(sorted({self.internal[i] - 1 for i in (exclude or [])
                                     if i in self.internal}), dtype=np.int64)
-        if allowed is None and unavailable is not None and len(unavailable):
+        if unavailable is not None and len(unavailable):
             excluded = np.union1d(excluded, unavailable)
         if allowed is not None:
             excluded = excluded[np.isin(excluded, allowed)]  # the others cannot come back
@@ -201,13 +203,16 @@ class Recommender:
 
     def search(self, interests: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Interests [B, K, d] -> (scores, rows) [B, K, n] (one FAISS search for all B*K)."""
+        self._set_search_threads()
+        b, k, d = interests.shape
+        scores, rows = self.bundle.search(interests.reshape(b * k, d), n)
+        return scores.reshape(b, k, n), rows.reshape(b, k, n)
+
+    def _set_search_threads(self) -> None:
         if self.search_threads and faiss.omp_get_max_threads() != self.search_threads:
             # OpenMP's thread count is per calling thread: set it in whichever thread searches
             # (the batcher's worker as well as the event loop).
             faiss.omp_set_num_threads(self.search_threads)
-        b, k, d = interests.shape
-        scores, rows = self.bundle.search(interests.reshape(b * k, d), n)
-        return scores.reshape(b, k, n), rows.reshape(b, k, n)
 
     def search_rows(self, queries: np.ndarray, n: int, allowed: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -216,8 +221,7 @@ class Recommender:
         info = self.bundle.manifest.index
         if len(allowed) <= EXACT_FILTER_MAX_ROWS:
             return exact_search(queries, self.bundle.item_vectors, allowed, n)
-        if self.search_threads and faiss.omp_get_max_threads() != self.search_threads:
-            faiss.omp_set_num_threads(self.search_threads)
+        self._set_search_threads()
         return restricted_search(self.bundle.index, info.kind, info.search_params, queries,
                                  allowed, n)
 
@@ -225,10 +229,11 @@ class Recommender:
                 unavailable: np.ndarray | None = None) -> SimilarItems:
         """The k items nearest `item_id` by the bundle's item vectors (inner product, through
         the same index and filters as recommendations), the item itself left out, as are the
-        `unavailable` rows (when there is no `allowed`). KeyError for an unknown id."""
+        `unavailable` rows; `allowed`, `unavailable`: what `restrict` returned. KeyError for
+        an unknown id."""
         row = self.internal[item_id] - 1
         query = np.asarray(self.bundle.item_vectors[row : row + 1], dtype=np.float32)
-        gone = unavailable if allowed is None and unavailable is not None else np.zeros(0)
+        gone = unavailable if unavailable is not None else np.zeros(0, dtype=np.int64)
         if allowed is not None:
             allowed = allowed[allowed != row]
             scores, rows = self.search_rows(query, k, allowed)
@@ -274,13 +279,23 @@ class Recommender:
             unknown_items=query.unknown_items, interest_counts=counts,
             interest_details=details)
 
+    def _popular_allowed(self, n: int, allowed: np.ndarray) -> np.ndarray:
+        """The n most popular of the `allowed` rows (ascending), in popularity order: the
+        popularity ranking scanned in growing chunks (no sort of a large allowed set)."""
+        found = np.zeros(0, dtype=np.int64)
+        start, chunk = 0, max(4 * n, 1024)
+        while len(found) < n and start < self.item_count and len(allowed):
+            rows = self.popular_rows[start : start + chunk]
+            at = np.minimum(np.searchsorted(allowed, rows), len(allowed) - 1)
+            found = np.concatenate([found, rows[allowed[at] == rows]])
+            start, chunk = start + chunk, chunk * 4
+        return found[:n]
+
     def _popular(self, k: int, excluded: np.ndarray, unknown: int,
                  allowed: np.ndarray | None = None) -> Recommendation:
-        if allowed is None:
-            rows = self.popular_rows[: k + len(excluded)]
-        else:  # the most popular allowed rows
-            rows = allowed[np.argsort(-self.bundle.popularity[allowed], kind="stable")]
-            rows = rows[: k + len(excluded)]
+        rows = self.popular_rows[: k + len(excluded)]
+        if allowed is not None:
+            rows = self._popular_allowed(k + len(excluded), allowed)
         if len(excluded):
             rows = rows[~np.isin(rows, excluded)]
         rows = rows[:k]
