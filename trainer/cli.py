@@ -25,7 +25,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from service.bundle.format import DEFAULT_MODEL_NAME, BundleError
 from service.store.events import EVENT_GROUP
 from trainer.config import ESIM_GROUP, FLAG, GROUP, HELP, NOT_ON_CLI, TrainConfig
-from trainer.data.loaders import FORMATS, DataError
+from trainer.data.loaders import FORMATS, DataError, check_field_names
 from trainer.data.specs import BUILTIN_DATASETS, data_spec
 from trainer.export import INDEX_KINDS, ExportError, publish_bundle
 from trainer.jobs.nightly.lock import LockHeld, NightlyError
@@ -174,6 +174,14 @@ def print_line(report: dict[str, Any]) -> None:
     print(json.dumps(report, separators=(",", ":"), default=str), flush=True)
 
 
+def field_list(text: str) -> tuple[str, ...]:
+    """--item-fields brand,color -> ("brand", "color"), each name checked."""
+    try:
+        return check_field_names([part.strip() for part in text.split(",") if part.strip()])
+    except DataError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--item-fields: ")) from exc
+
+
 def interval_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -213,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", type=Path, help="your interactions file or MovieLens folder")
     t.add_argument("--items", type=Path, help="items file (or Amazon metadata) for --data")
     t.add_argument("--format", choices=FORMATS, default="auto", help="format of --data")
+    t.add_argument("--item-fields", type=field_list, default=(), metavar="NAME,..",
+                   help="columns of --items the bundle carries as filterable fields beside "
+                        "category and year (values '|'-separated), e.g. brand,color")
     t.add_argument("--synthetic", help="synthetic options, e.g. users=2000,items=2000,topics=40")
     groups = add_config_flags(t)
     t.add_argument("--run-dir", type=Path,

@@ -276,14 +276,21 @@ def append_items(model: MultiInterestEncoder, rows: np.ndarray) -> None:
     model.n_items += len(rows)
 
 
-def item_field_values(categories: list[str], years: list[float]
+def split_values(joined: str) -> list[str]:
+    """'a|b' -> ['a', 'b'] (blank parts dropped)."""
+    return [part.strip() for part in str(joined).split("|") if part.strip()]
+
+
+def item_field_values(categories: list[str], years: list[float],
+                      declared: dict[str, list[str]] | None = None
                       ) -> dict[str, list[list[str]]]:
-    """Each item's values of the bundle's filterable fields (service.bundle.format.ITEM_FIELDS):
-    its '|'-separated categories and its year (none when unknown)."""
+    """Each item's values of the bundle's filterable fields: ITEM_FIELDS (its '|'-separated
+    categories, its year, none when unknown) and the items file's declared fields
+    (--item-fields: '|'-separated values)."""
     return {
-        CATEGORY_FIELD: [[c.strip() for c in str(cats).split("|") if c.strip()]
-                         for cats in categories],
+        CATEGORY_FIELD: [split_values(cats) for cats in categories],
         YEAR_FIELD: [[str(int(y))] if np.isfinite(y) else [] for y in years],
+        **{name: [split_values(v) for v in values] for name, values in (declared or {}).items()},
     }
 
 
@@ -321,6 +328,7 @@ def publish_bundle(
         vectors = model.item_vectors().numpy().astype(np.float32)
     item_ids, titles = dataset.item_ids[1:].tolist(), dataset.titles[1:].tolist()
     categories, years = list(dataset.categories[1:]), list(dataset.years[1:])
+    declared = {name: list(values[1:]) for name, values in dataset.fields.items()}
     popularity = dataset.popularity()[1:]
     text_only_rows: list[int] = []
     if text_only is not None:
@@ -334,6 +342,8 @@ def publish_bundle(
         titles += text_only.titles.astype(str).tolist()
         categories += list(text_only.categories)
         years += list(text_only.years)
+        for name, values in declared.items():
+            values += list(text_only.fields[name])
         popularity = np.concatenate([popularity, np.zeros(len(placed), popularity.dtype)])
     real = np.concatenate([dataset.eval_split("valid", cfg.maxlen).histories,
                            dataset.eval_split("test", cfg.maxlen).histories])
@@ -358,7 +368,7 @@ def publish_bundle(
         np.save(staging / ITEM_EMBEDDINGS, vectors)
         np.save(staging / POPULARITY, popularity)
         write_items(staging / ITEMS, item_ids, titles, text_only_rows,
-                    item_field_values(categories, years))
+                    item_field_values(categories, years, declared))
         if naming is not None:
             write_naming(staging, naming)
         manifest["extra"].update(parity_max_abs_diff=parity, export_seconds=export_seconds)

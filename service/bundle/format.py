@@ -242,8 +242,9 @@ def verify_files(path: Path, manifest: Manifest) -> None:
             raise BundleError(f"{file}: checksum mismatch (file changed after publishing)")
 
 
-# The filterable item fields a bundle carries (items.json "fields"), from the items file:
-# `category` (its '|'-separated categories) and `year`. Values are strings.
+# The filterable item fields every bundle carries (items.json "fields"), from the items file:
+# `category` (its '|'-separated categories) and `year`. Values are strings. An items file's
+# declared fields (the trainer's --item-fields, e.g. brand) are carried beside them.
 CATEGORY_FIELD, YEAR_FIELD = "category", "year"
 ITEM_FIELDS = (CATEGORY_FIELD, YEAR_FIELD)
 

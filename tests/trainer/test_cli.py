@@ -61,6 +61,55 @@ def test_train_on_a_users_own_csv(tmp_path):
     assert report["dataset"]["name"] == "events" and report["backbone"] == "mind"
 
 
+def test_declared_item_fields_reach_the_bundle_and_filter_its_answers(tmp_path):
+    raw = make_synthetic(n_users=150, n_items=100, n_topics=5, min_len=10, max_len=15)
+    items = raw.items.copy()
+    # Every third item has two brands, every fifth none; "007" must stay a label, not 7.
+    items["brand"] = [("" if i % 5 == 0 else f"b{i % 4}|007" if i % 3 == 0 else f"b{i % 4}")
+                      for i in range(len(items))]
+    raw.interactions.to_csv(tmp_path / "events.csv", index=False)
+    items.to_csv(tmp_path / "items.csv", index=False)
+    proc = run("train", "--data", "events.csv", "--items", "items.csv", "--item-fields",
+               "brand", "--epochs", "1", "--dim", "8", "--no-progress", "--run-dir", "run",
+               "--out", "models", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+    from service.bundle.load import load_bundle
+    from service.serving.filters import ItemFilter
+    from service.serving.recommender import Recommender
+
+    bundle = load_bundle(tmp_path / "models" / "recommender" / "1")
+    expected: dict[str, set[str]] = {}
+    for item_id, brands in zip(items["item_id"], items["brand"], strict=True):
+        for brand in filter(None, brands.split("|")):
+            expected.setdefault(brand, set()).add(item_id)
+    served = set(bundle.item_ids)
+    got = {value: {str(bundle.item_ids[r]) for r in rows}
+           for value, rows in bundle.fields["brand"].items()}
+    assert got == {b: ids & served for b, ids in expected.items() if ids & served}
+    assert "007" in got and {"category", "year", "brand"} <= set(bundle.fields)
+
+    model = Recommender(bundle)
+    allowed, gone = model.restrict(ItemFilter(include={"brand": ["007"]}))
+    answer = model.recommend([str(bundle.item_ids[0])], 10, [], 50, allowed=allowed,
+                             unavailable=gone)
+    assert answer.item_ids and set(answer.item_ids) <= got["007"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--item-fields", "colour"], "items.csv: missing column(s) colour"),
+    (["--item-fields", "category"], "'category' is reserved"),
+    (["--item-fields", "a b"], "bad field name 'a b'"),
+])
+def test_bad_item_fields_are_named(tmp_path, flags, message):
+    (tmp_path / "events.csv").write_text("user_id,item_id,timestamp\nu,a,1\nu,b,2\n")
+    (tmp_path / "items.csv").write_text("item_id,title\na,A\nb,B\n")
+    proc = run("train", "--data", "events.csv", "--items", "items.csv", *flags,
+               "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_bad_file_fails_with_the_file_and_line(tmp_path):
     (tmp_path / "bad.csv").write_text("user_id,item_id,timestamp\nu,a,1\nu,b,soon\n")
     proc = run("train", "--data", "bad.csv", "--no-progress", cwd=tmp_path)
@@ -222,7 +271,8 @@ CONFIG_FLAGS = {
     "--esim-item-weight", "--esim-shuffle-labels", "--esim-shuffle-items",
 }
 OTHER_TRAIN_FLAGS = {
-    "-h", "--help", "--dataset", "--data", "--items", "--format", "--synthetic", "--run-dir",
+    "-h", "--help", "--dataset", "--data", "--items", "--item-fields", "--format", "--synthetic",
+    "--run-dir",
     "--llm-base-url", "--llm-model", "--llm-cache", "--out", "--name", "--index",
     "--if-missing", "--no-progress",
 }

@@ -6,7 +6,7 @@ the last column, zeros on the left; that is also the encoder's ONNX input layout
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,7 @@ class TextOnlyItems:
     titles: np.ndarray
     categories: np.ndarray
     years: np.ndarray
+    fields: dict[str, np.ndarray] = field(default_factory=dict)  # declared field -> values
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -59,6 +60,8 @@ class SequenceDataset:
     folds: int = 0
     fold: int = 0
     text_only: TextOnlyItems | None = None
+    # Declared item fields (RawData.item_fields): name -> '|'-joined values per internal id.
+    fields: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_items(self) -> int:
@@ -216,11 +219,14 @@ def build_dataset(
     titles = np.full(len(item_ext) + 1, "", dtype=object)
     categories = np.full(len(item_ext) + 1, "", dtype=object)
     years = np.full(len(item_ext) + 1, np.nan)
+    fields = {name: np.full(len(item_ext) + 1, "", dtype=object) for name in raw.item_fields}
     if raw.items is not None:
         meta = raw.items.set_index("item_id").reindex(item_ext)
         titles[1:] = meta["title"].fillna("").to_numpy(dtype=object)
         categories[1:] = meta["categories"].fillna("").to_numpy(dtype=object)
         years[1:] = meta["year"].to_numpy(dtype=float)
+        for name, values in fields.items():
+            values[1:] = meta[name].fillna("").to_numpy(dtype=object)
 
     train_users, valid_users, test_users = split_users(len(user_ext), split_seed, folds, fold)
     flat = internal.astype(np.int64)
@@ -244,6 +250,7 @@ def build_dataset(
         folds=folds,
         fold=fold,
         text_only=text_only_items(raw),
+        fields=fields,
     )
 
 
@@ -257,7 +264,8 @@ def text_only_items(raw: RawData) -> TextOnlyItems | None:
     return TextOnlyItems(rest["item_id"].to_numpy(dtype=object),
                          rest["title"].to_numpy(dtype=object),
                          rest["categories"].to_numpy(dtype=object),
-                         rest["year"].to_numpy(dtype=float))
+                         rest["year"].to_numpy(dtype=float),
+                         {name: rest[name].to_numpy(dtype=object) for name in raw.item_fields})
 
 
 def cut_sequences(flat: np.ndarray, offsets: np.ndarray, users: np.ndarray, keep: int

@@ -1,7 +1,8 @@
 """Loading interaction logs into one shape: RawData(interactions, items).
 
 interactions: columns user_id (str), item_id (str), timestamp (int64, seconds), in file order.
-items: optional, columns item_id (str), title (str), categories (str, "a|b|c"), year (float).
+items: optional, columns item_id (str), title (str), categories (str, "a|b|c"), year (float),
+and one column per declared item field (str, "a|b"; RawData.item_fields, e.g. brand).
 
 Every loader fails with DataError naming the file (and the line, where there is one) rather
 than with a pandas traceback: a user pointing the trainer at the wrong file must learn which
@@ -13,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,10 @@ INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 # The nightly job's event log: Parquet partitions of service events (trainer/jobs/nightly/).
 EVENT_COLUMNS = ("stream_id", "event_id", "user_id", "item_id", "timestamp")
 ITEM_COLUMNS = ("item_id", "title", "categories", "year")
+# Item fields a user may declare (--item-fields): a name the filters can use, none of the
+# columns above (category and year are filterable already) and none the bundle reserves.
+FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+RESERVED_FIELD_NAMES = frozenset({*ITEM_COLUMNS, "category", "description"})
 FORMATS = ("auto", "interactions", "movielens", "amazon", "taobao")
 
 
@@ -37,6 +43,9 @@ class RawData:
     source: str
     interactions: pd.DataFrame
     items: pd.DataFrame | None = None
+    # Declared item fields: columns of `items` (str, '|'-separated values) the bundle carries
+    # as filterable fields beside category and year.
+    item_fields: tuple[str, ...] = ()
 
     def fingerprint(self) -> str:
         """Content hash of the interactions (order-sensitive), for manifests and checkpoints."""
@@ -106,7 +115,22 @@ def _clean_ids(df: pd.DataFrame, path: Path | str, header: bool = True) -> pd.Da
     return df
 
 
-def _finish(name: str, source: str, inter: pd.DataFrame, items: pd.DataFrame | None) -> RawData:
+def check_field_names(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The declared item fields, checked: each a plain name, not reserved, given once."""
+    for name in names:
+        if not FIELD_NAME.match(name):
+            raise DataError(f"--item-fields: bad field name {name!r} (a letter, then up to 31 "
+                            "letters, digits, '_' or '-')")
+        if name in RESERVED_FIELD_NAMES:
+            raise DataError(f"--item-fields: {name!r} is reserved (category and year are "
+                            "filterable fields already)")
+    if len(set(names)) != len(names):
+        raise DataError(f"--item-fields: a field is named twice in {','.join(names)}")
+    return tuple(names)
+
+
+def _finish(name: str, source: str, inter: pd.DataFrame, items: pd.DataFrame | None,
+            item_fields: tuple[str, ...] = ()) -> RawData:
     if len(inter) == 0:
         raise _fail(source, "no interactions")
     inter = inter[list(INTERACTION_COLUMNS)].reset_index(drop=True)
@@ -119,8 +143,12 @@ def _finish(name: str, source: str, inter: pd.DataFrame, items: pd.DataFrame | N
         items["title"] = items["title"].fillna("").astype(str)
         items["categories"] = items["categories"].fillna("").astype(str)
         items["year"] = pd.to_numeric(items["year"], errors="coerce")
-        items = items[list(ITEM_COLUMNS)].drop_duplicates("item_id").reset_index(drop=True)
-    return RawData(name=name, source=source, interactions=inter, items=items)
+        for col in item_fields:
+            items[col] = items[col].fillna("").astype(str).str.strip()
+        items = (items[[*ITEM_COLUMNS, *item_fields]].drop_duplicates("item_id")
+                 .reset_index(drop=True))
+    return RawData(name=name, source=source, interactions=inter, items=items,
+                   item_fields=item_fields if items is not None else ())
 
 
 def _read_table(path: Path, **csv_kwargs) -> pd.DataFrame:
@@ -165,8 +193,10 @@ def load_movielens_small() -> RawData:
 # --- bring your own data -----------------------------------------------------------------------
 
 
-def load_interactions(path: str | Path, items_path: str | Path | None = None) -> RawData:
-    """Generic CSV/Parquet with user_id,item_id,timestamp (+ optional items file)."""
+def load_interactions(path: str | Path, items_path: str | Path | None = None,
+                      item_fields: tuple[str, ...] = ()) -> RawData:
+    """Generic CSV/Parquet with user_id,item_id,timestamp (+ optional items file, whose
+    `item_fields` columns become filterable fields of the bundle)."""
     path = Path(path)
     df = _read_table(path, dtype={"user_id": str, "item_id": str}, skipinitialspace=True)
     df.columns = [str(c).strip() for c in df.columns]
@@ -175,16 +205,21 @@ def load_interactions(path: str | Path, items_path: str | Path | None = None) ->
         raise _fail(path, "no rows after the header")
     df = _clean_ids(df, path)
     df["timestamp"] = _parse_timestamps(df["timestamp"], path)
-    items = load_items(items_path) if items_path is not None else None
-    return _finish(path.stem, str(path), df, items)
+    if item_fields and items_path is None:
+        raise DataError(f"--item-fields {','.join(item_fields)}: the fields come from an "
+                        "items file; pass --items")
+    items = load_items(items_path, item_fields) if items_path is not None else None
+    return _finish(path.stem, str(path), df, items, item_fields)
 
 
-def load_items(path: str | Path) -> pd.DataFrame:
-    """Items file: item_id,title[,categories,description] (CSV or Parquet)."""
+def load_items(path: str | Path, item_fields: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Items file: item_id,title[,categories,year,description] and the declared fields'
+    columns (CSV or Parquet)."""
     path = Path(path)
-    df = _read_table(path, dtype={"item_id": str})
+    # Field values are labels ("007" is not 7): every declared column is read as text.
+    df = _read_table(path, dtype={"item_id": str, **dict.fromkeys(item_fields, str)})
     df.columns = [str(c).strip() for c in df.columns]
-    _require_columns(df, ("item_id", "title"), path)
+    _require_columns(df, ("item_id", "title", *item_fields), path)
     empty = df["item_id"].isna()
     if empty.any():
         bad = int(np.flatnonzero(empty.to_numpy())[0])
@@ -357,20 +392,26 @@ def detect_format(path: Path) -> str:
     return "interactions"
 
 
-def load_path(path: str | Path, items: str | Path | None = None, fmt: str = "auto") -> RawData:
-    """Load a user's own data; `items` is the items file (or Amazon metadata)."""
+def load_path(path: str | Path, items: str | Path | None = None, fmt: str = "auto",
+              item_fields: tuple[str, ...] = ()) -> RawData:
+    """Load a user's own data; `items` is the items file (or Amazon metadata); `item_fields`
+    its columns to carry as filterable fields (generic interactions files only)."""
     path = Path(path)
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     if fmt == "auto":
         fmt = detect_format(path)
+    item_fields = check_field_names(item_fields)
+    if item_fields and fmt != "interactions":
+        raise DataError(f"--item-fields: only an interactions file's --items declares fields; "
+                        f"{path} is read as {fmt}")
     if fmt == "movielens":
         return load_movielens(path)
     if fmt == "amazon":
         return load_amazon(path, items)
     if fmt == "taobao":
         return load_taobao(path)
-    return load_interactions(path, items)
+    return load_interactions(path, items, item_fields)
 
 
 def load_event_log(directory: str | Path) -> pd.DataFrame:
@@ -393,4 +434,5 @@ def with_event_log(base: RawData, directory: str | Path) -> RawData:
     events = load_event_log(directory)
     inter = pd.concat([base.interactions, events[list(INTERACTION_COLUMNS)]], ignore_index=True)
     inter["timestamp"] = inter["timestamp"].astype(np.int64)
-    return RawData(f"{base.name}+events", f"{base.source} + {directory}", inter, base.items)
+    return RawData(f"{base.name}+events", f"{base.source} + {directory}", inter, base.items,
+                   base.item_fields)

@@ -13,11 +13,14 @@ BUILTIN_DATASETS = ("movielens-small", "synthetic")
 
 
 def data_spec(args: argparse.Namespace) -> dict[str, Any]:
+    if args.item_fields and not args.data:
+        raise DataError("--item-fields: the fields come from your items file (--data with "
+                        "--items); the embedded datasets declare none")
     if args.data:
         # Absolute, so that `evaluate` works from any directory.
         return {"data": str(args.data.resolve()),
                 "items": str(args.items.resolve()) if args.items else None,
-                "format": args.format}
+                "format": args.format, "item_fields": list(args.item_fields)}
     if args.dataset == "synthetic":
         return {"synthetic": parse_synthetic(args.synthetic)}
     return {"dataset": args.dataset}
@@ -44,7 +47,8 @@ def load_spec(spec: dict[str, Any]) -> RawData:
     if "events" in spec:  # the nightly job's: base data + the persisted event log
         return with_event_log(load_spec(spec["base"]), spec["events"])
     if "data" in spec:
-        return load_path(spec["data"], spec.get("items"), spec.get("format", "auto"))
+        return load_path(spec["data"], spec.get("items"), spec.get("format", "auto"),
+                         tuple(spec.get("item_fields") or ()))
     if "synthetic" in spec:
         return make_synthetic(**spec["synthetic"])
     if spec.get("dataset") == "movielens-small":
