@@ -151,8 +151,8 @@ class PssSampler:
 # --- load generators --------------------------------------------------------------------------
 
 
-async def httpx_load(url: str, users: int, k: int, concurrency: int, seconds: float
-                     ) -> dict[str, Any]:
+async def httpx_load(url: str, users: int, k: int, concurrency: int, seconds: float,
+                     filters: list[str] | None = None) -> dict[str, Any]:
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -163,6 +163,8 @@ async def httpx_load(url: str, users: int, k: int, concurrency: int, seconds: fl
             rng = random.Random(seed)
             while time.monotonic() < stop:
                 body = {"user_id": f"user{rng.randrange(users)}", "k": k}
+                if filters:
+                    body["filter"] = json.loads(rng.choice(filters))
                 started = time.perf_counter()
                 try:
                     r = await client.post("/recommend", json=body)
@@ -187,7 +189,13 @@ local threads = {}
 function setup(thread) table.insert(threads, thread) end
 function init(args) statuses = {} end
 request = function()
-  local body = string.format('{"user_id": "user%d", "k": %d}', math.random(0, USERS - 1), K)
+  local body
+  if #FILTERS > 0 then
+    body = string.format('{"user_id": "user%d", "k": %d, "filter": %s}',
+                         math.random(0, USERS - 1), K, FILTERS[math.random(1, #FILTERS)])
+  else
+    body = string.format('{"user_id": "user%d", "k": %d}', math.random(0, USERS - 1), K)
+  end
   return wrk.format(nil, nil, nil, body)
 end
 function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
@@ -201,10 +209,16 @@ end
 """
 
 
-def wrk_load(url: str, users: int, k: int, concurrency: int, seconds: float) -> dict[str, Any]:
+def lua_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def wrk_load(url: str, users: int, k: int, concurrency: int, seconds: float,
+             filters: list[str] | None = None) -> dict[str, Any]:
     """The load from wrk (C, one thread): client overhead far below the server's."""
     script = Path(tempfile.mkdtemp()) / "post.lua"
-    script.write_text(f"USERS = {users}\nK = {k}\n" + WRK_SCRIPT)
+    table = ", ".join(lua_string(f) for f in filters or [])
+    script.write_text(f"USERS = {users}\nK = {k}\nFILTERS = {{{table}}}\n" + WRK_SCRIPT)
     out = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
          "--latency", "-s", str(script), url + "/recommend"],
@@ -265,6 +279,33 @@ def floor(bundle_dir: Path, redis_url: str, users: int, k: int, seconds: float, 
 
 
 # --- one bundle -------------------------------------------------------------------------------
+
+
+def category_filters(bundle_dir: Path, share: float, count: int = 16, seed: int = 0
+                     ) -> tuple[list[str], float]:
+    """`count` filters (JSON) that each include a random set of categories holding about
+    `share` of the items (categories added until their union reaches it), and the mean share
+    they allow."""
+    bundle = load_bundle(bundle_dir, verify=False)
+    postings = bundle.fields.get("category") or {}
+    if not postings:
+        raise SystemExit(f"{bundle_dir}: its items carry no categories to filter by")
+    names = sorted(postings)
+    n = len(bundle.item_ids)
+    rng = random.Random(seed)
+    filters, shares = [], []
+    for _ in range(count):
+        rng.shuffle(names)
+        chosen: list[str] = []
+        allowed = np.zeros(n, dtype=bool)
+        for name in names:
+            if chosen and allowed.mean() >= share:
+                break
+            chosen.append(name)
+            allowed[postings[name]] = True
+        filters.append(json.dumps({"include": {"category": chosen}}))
+        shares.append(float(allowed.mean()))
+    return filters, round(float(np.mean(shares)), 5)
 
 
 def histories_for(name_dir: Path, bundle_dir: Path, users: int, length: int,
@@ -334,6 +375,8 @@ def run_bundle(path: Path, args: argparse.Namespace, redis_url: str,
                 int(service_env.get("WORKERS", 1))).result()
         use_wrk = shutil.which("wrk") is not None and not args.httpx
         generate = wrk_load if use_wrk else (lambda *a: asyncio.run(httpx_load(*a)))
+        filter_sets = {share: category_filters(bundle_dir, share)
+                       for share in args.filter_share}
         generate(url, args.users, args.k, 1, args.warmup_seconds)  # fault the mapped files in
         peak = 0.0
         for c in args.concurrency:
@@ -350,6 +393,23 @@ def run_bundle(path: Path, args: argparse.Namespace, redis_url: str,
             print(f"{bundle_dir} c={c}: {level['rps']} req/s, p50 {level['p50_ms']} ms, "
                   f"p99 {level['p99_ms']} ms, errors {level['errors_by_kind'] or 0}, "
                   f"load {load_start[0]} -> {loadavg()[0]}", file=sys.stderr)
+            # The same level with a category filter per request, right after the unfiltered
+            # one (their ratio is what --filter-share measures).
+            for share, (filters, allowed) in filter_sets.items():
+                load_start = loadavg()
+                with PssSampler(service.pid) as pss:
+                    level = generate(url, args.users, args.k, c, args.seconds, filters)
+                peak = max(peak, pss.peak)
+                out[f"http_c{c}_filter{share:g}"] = {
+                    "concurrency": c, "filter_share": share, "allowed_share": allowed,
+                    **level, "loadavg_start": load_start, "loadavg_end": loadavg(),
+                    "pss_mb_peak": pss.peak,
+                    "p50_over_floor_p50": round(level["p50_ms"] / out["floor"]["p50_ms"], 2),
+                    "p50_over_unfiltered_p50": round(
+                        level["p50_ms"] / out[f"http_c{c}"]["p50_ms"], 2)}
+                print(f"{bundle_dir} c={c} filter {share:g} (allows {allowed:.3%}): "
+                      f"{level['rps']} req/s, p50 {level['p50_ms']} ms, p99 {level['p99_ms']} "
+                      f"ms, errors {level['errors_by_kind'] or 0}", file=sys.stderr)
         out["pss_mb_peak"] = peak
         if "http_c1" in out:
             out["http_overhead_c1_p50"] = round(
@@ -370,11 +430,13 @@ def print_table(result: dict[str, Any]) -> None:
           f"FAISS threads {f['faiss_threads']}): floor p50 {f['p50_ms']} ms, p99 "
           f"{f['p99_ms']} ms; PSS ready {result['pss_mb_ready']} MB, peak "
           f"{result['pss_mb_peak']} MB", file=sys.stderr)
-    print("   c      req/s    p50 ms    p99 ms  p50/floor  errors  load avg (1 min) start-end",
-          file=sys.stderr)
+    print("   c  filter      req/s    p50 ms    p99 ms  p50/floor  errors  load avg (1 min) "
+          "start-end", file=sys.stderr)
     for key, level in result.items():
         if key.startswith("http_c") and isinstance(level, dict):
-            print(f"{level['concurrency']:4d} {level['rps']:10.1f} {level['p50_ms']:9.2f} "
+            share = f"{level['filter_share']:g}" if "filter_share" in level else "-"
+            print(f"{level['concurrency']:4d} {share:>7} {level['rps']:10.1f} "
+                  f"{level['p50_ms']:9.2f} "
                   f"{level['p99_ms']:9.2f} {level['p50_over_floor_p50']:10.2f} "
                   f"{level['errors']:7d}  {level['loadavg_start'][0]:.2f}-"
                   f"{level['loadavg_end'][0]:.2f}", file=sys.stderr)
@@ -403,6 +465,9 @@ def main() -> None:
     parser.add_argument("--onnx-threads", type=int, help="ONNX_THREADS")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="any other service setting")
+    parser.add_argument("--filter-share", type=float, nargs="*", default=[],
+                        help="also run each level with a category filter allowing about this "
+                             "share of the items (e.g. 0.1 0.01)")
     parser.add_argument("--httpx", action="store_true", help="use the httpx client, not wrk")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()

@@ -1,11 +1,13 @@
 """`python -m service`: serve the app with settings from the environment.
 
-WORKERS=1 (default): one process. WORKERS=N: uvicorn's own multi-worker mode, a supervisor
-process and N worker processes that share the listening socket; each worker builds its own
-app (create_app from the environment), loads the bundle memory-mapped (shared pages, not N
-copies) and polls for new versions on its own. Metrics then use prometheus_client's
-multiprocess mode: this process points PROMETHEUS_MULTIPROC_DIR at a fresh directory before
-the workers start, and /metrics sums the workers' files.
+SERVER=uvicorn (default) or granian: the same app (create_app from the environment) behind
+either ASGI server. WORKERS=1: uvicorn serves in this process; granian always runs its
+workers in child processes. WORKERS=N: the server's multi-worker mode, a supervisor and N
+worker processes that share the listening socket; each worker builds its own app, loads the
+bundle memory-mapped (shared pages, not N copies) and polls for new versions on its own.
+Metrics then use prometheus_client's multiprocess mode: this process points
+PROMETHEUS_MULTIPROC_DIR at a fresh directory before the workers start, and /metrics sums the
+workers' files.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import shutil
 import sys
 import tempfile
 
-import uvicorn
 from pydantic import ValidationError
 
 from service.settings import Settings, get_settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+APP_FACTORY = "service.app:create_app"
 
 
 def load_settings() -> Settings:
@@ -34,22 +36,47 @@ def load_settings() -> Settings:
         raise SystemExit(2) from None
 
 
-def main() -> None:
-    settings = load_settings()
+def serve_uvicorn(settings: Settings) -> None:
+    import uvicorn
+
+    # No proxy-headers middleware: nothing here reads the client address, and it is one more
+    # layer on every request. The access log is the app's own (service/app.py AccessLog).
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                  access_log=False)
+                  access_log=False, proxy_headers=False)
     if settings.workers == 1:
         from service.app import create_app
 
         uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+    else:
+        uvicorn.run(APP_FACTORY, factory=True, workers=settings.workers,
+                    **common)  # type: ignore[arg-type]
+
+
+def serve_granian(settings: Settings) -> None:
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces, Loops
+
+    level = settings.log_level.lower()
+    Granian(APP_FACTORY, factory=True, address=settings.host, port=settings.port,
+            interface=Interfaces.ASGI, workers=settings.workers, loop=Loops.uvloop,
+            http=HTTPModes.http1, websockets=False, log_access=False,
+            log_level=level if level in ("critical", "error", "warning", "info", "debug")
+            else "info",  # type: ignore[arg-type]
+            respawn_failed_workers=True).serve()
+
+
+def main() -> None:
+    settings = load_settings()
+    serve = serve_granian if settings.server == "granian" else serve_uvicorn
+    if settings.workers == 1:
+        serve(settings)
         return
     # A fresh directory per run: files left by an earlier run would be summed in. Workers are
     # spawned after this and inherit it; prometheus_client reads it when first imported.
     metrics_dir = tempfile.mkdtemp(prefix="recsys-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir
     try:
-        uvicorn.run("service.app:create_app", factory=True, workers=settings.workers,
-                    **common)  # type: ignore[arg-type]
+        serve(settings)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -244,6 +245,17 @@ def schema_with_limits(app: FastAPI, settings: Settings) -> dict[str, Any]:
     return app.openapi_schema
 
 
+def freeze_heap() -> None:
+    """Move every object alive now (the app, the libraries, the loaded models) out of the
+    garbage collector's reach: a full collection then scans only what requests create. Without
+    it a full collection scanned the whole heap every few seconds under load, a 30 ms stall
+    that set the p99 (docs/results.md, "Serving overhead"). Called at start and after each
+    model swap, after a collection that frees the replaced model's cycles."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
@@ -254,6 +266,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for variant in state.variants.all:
             if variant.models.current is not None:
                 metrics.model_version.labels(variant.name).set(variant.models.current.version)
+        if result == "success":
+            freeze_heap()  # the new model's objects join the frozen heap; the old one's go
 
     store = make_store(settings)
     state = AppState(
@@ -282,6 +296,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except StoreUnavailable as exc:
             log.warning("availability store unavailable at start; polling it",
                         extra={"error": str(exc)})
+        freeze_heap()
         # One loop polls every variant's models; each swaps on its own.
         watcher = asyncio.create_task(state.variants.watch(settings.reload_interval_seconds))
         availability = asyncio.create_task(
@@ -304,8 +319,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             mark_worker_dead()  # multiprocess metrics: this worker's live gauges go
 
     # /docs and /redoc with their assets served from the package, so they work offline.
+    # FastAPI's native OpenTelemetry is off: the service has its own Prometheus metrics and
+    # logs, and the per-request check for a configured provider cost ~10 us (issue 24).
     app = FastAPIOffline(title="EIMF multi-interest recommender", version="1",
-                         lifespan=lifespan)
+                         lifespan=lifespan,
+                         telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.recsys = state
     app.openapi = lambda: schema_with_limits(app, settings)  # type: ignore[method-assign]
     app.include_router(recommend.router)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,8 +57,12 @@ class Settings(StoreSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
     workers: int = Field(1, ge=1, le=64, description="worker processes of `python -m service` "
-                         "(uvicorn's multi-worker mode); more than 1 needs `REDIS_URL` (an "
+                         "(the server's multi-worker mode); more than 1 needs `REDIS_URL` (an "
                          "in-process history store would split histories across workers)")
+    server: Literal["uvicorn", "granian"] = Field(
+        "uvicorn", description="the ASGI server of `python -m service`: uvicorn (uvloop + "
+        "httptools) or granian (HTTP in Rust); the same app and API "
+        "([docs/results.md](docs/results.md#serving-overhead-issue-24))")
     mmap_bundle: bool = Field(True, description="memory-map the bundle's large files, one copy "
                               "shared by all workers (service/bundle/)")
 

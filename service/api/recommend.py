@@ -14,11 +14,11 @@ from service.deps import AppState, State, require_api_key, variant_model
 from service.observability import request_id_var
 from service.schemas import (
     ERROR_RESPONSES,
-    InterestSummary,
-    RecommendedItem,
+    FastJSONResponse,
     RecommendRequest,
     RecommendResponse,
     invalid,
+    recommend_body,
 )
 from service.serving.filters import FilterError
 from service.store.history import StoreUnavailable
@@ -29,9 +29,16 @@ log = logging.getLogger("service.recommend")
 
 
 @router.post("/recommend", response_model=RecommendResponse)
-async def recommend(body: RecommendRequest, state: State) -> RecommendResponse:
+async def recommend(body: RecommendRequest, state: State) -> FastJSONResponse:
     """The variant is the user's (service/ab/: a stable hash of the user id); the answer
     says which, and its request_id lets events be credited to it."""
+    if state.batcher is None:
+        return await answer(body, state)
+    with state.batcher.admit():  # a request alone in the worker skips the batch queue
+        return await answer(body, state)
+
+
+async def answer(body: RecommendRequest, state: State) -> FastJSONResponse:
     started = time.perf_counter()
     settings, metrics = state.settings, state.metrics
     variant = state.variants.for_user(body.user_id)
@@ -69,7 +76,7 @@ async def recommend(body: RecommendRequest, state: State) -> RecommendResponse:
     if state.batcher is None:  # BATCH_MAX_SIZE=1: computed alone, on the event loop
         result = model.recommend(history, k, exclude, settings.per_interest_fanout, shaping,
                                  allowed, gone)
-    else:  # shares one encoder run and one search with concurrent requests, off the loop
+    else:  # shares one encoder run and one search with concurrent requests
         result = await state.batcher.recommend(model, history, k, exclude,
                                                settings.per_interest_fanout, shaping, allowed,
                                                gone)
@@ -85,20 +92,18 @@ async def recommend(body: RecommendRequest, state: State) -> RecommendResponse:
     if result.fallback:
         metrics.fallbacks.inc()
     sources = [name for name, used in (("stored", stored), ("request", body.history)) if used]
-    return RecommendResponse(
+    return FastJSONResponse(recommend_body(
         user_id=body.user_id, variant=variant.name, request_id=request_id,
-        model_name=model.name, model_version=model.version,
-        items=[RecommendedItem(item_id=i, score=s, interest=w, title=t or None)
-               for i, t, s, w in zip(result.item_ids, result.titles, result.scores,
-                                     result.interests, strict=True)],
-        interests=[InterestSummary(interest=i, items=c, weight=d.weight, name=d.name,
-                                   confidence=d.confidence, merged_into=d.merged_into,
-                                   dropped=d.dropped)
+        model_name=model.name, model_version=model.version, item_ids=result.item_ids,
+        scores=result.scores, interests=result.interests, titles=result.titles,
+        summaries=[{"interest": i, "items": c, "weight": float(d.weight), "name": d.name,
+                    "confidence": None if d.confidence is None else float(d.confidence),
+                    "merged_into": d.merged_into, "dropped": d.dropped}
                    for i, (c, d) in enumerate(zip(result.interest_counts,
                                                   result.interest_details, strict=True))],
         fallback=result.fallback, history_source="+".join(sources) or "none",
         history_length=result.used_history, unknown_items=result.unknown_items,
-        degraded=degraded)
+        degraded=degraded))
 
 
 async def remember(state: AppState, request_id: str, user_id: str, variant: str,

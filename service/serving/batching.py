@@ -3,15 +3,22 @@
 
 A request is prepared alone on the event loop (ids mapped, exclusions, k: its own errors stay
 its own). Requests queued together then share one ONNX run (rows stacked into [B, maxlen]) and
-one FAISS search (all B*K interest vectors), on one worker thread (onnxruntime and FAISS release
-the GIL, so the event loop keeps serving meanwhile); each request's K lists are merged and
+one FAISS search (all B*K interest vectors); each request's K lists are merged and
 post-processed alone, by the same code as an unbatched request.
 
+The batch computes on the event loop itself, between two turns. It used to go to a worker
+thread so that the loop kept serving meanwhile, but the two threads then took turns on the
+GIL and paid a hand-off per batch: on two cores the loop thread version served 1.15x (one
+worker) to 1.5x (two workers) the requests per second (docs/results.md, "Serving overhead").
+Requests that arrive during a compute wait in the socket and form the next batch.
+
 When a batch goes:
-* one request queued and the worker idle: at once (a lone request waits for nothing);
+* a request alone in the worker (no other /recommend request since it arrived: `admit`) is
+  computed at once, without the queue (a lone request waits for nothing, not even a loop turn);
+* one request queued and no batch computing: at once;
 * several queued: held open for more until BATCH_MAX_SIZE, or until BATCH_WINDOW_MS after the
   oldest was queued, whichever comes first;
-* requests that arrive while the worker computes queue up and go together as soon as it is
+* requests that arrive while a batch computes queue up and go together as soon as it is
   free (their window has usually passed by then).
 
 Each request keeps the model it captured on arrival (the one its answer reports): a batch is
@@ -26,8 +33,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -57,7 +63,16 @@ class Batcher:
         self.metrics = metrics
         self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._admitted = 0  # /recommend requests in this worker, from arrival to answer
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Counts a request from its arrival (before its history is read) to its answer."""
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
 
     async def recommend(self, model: Recommender, history: list[str], k: int,
                         exclude: list[str], fanout: int, shaping: Shaping = DEFAULT_SHAPING,
@@ -67,12 +82,19 @@ class Batcher:
         prepared = model.prepare(history, k, exclude, fanout, shaping, allowed, unavailable)
         if isinstance(prepared, Recommendation):  # popularity fallback: nothing to compute
             return prepared
+        if self._admitted == 1:
+            # One turn for requests that arrived in the same turn to be admitted (a store
+            # without I/O would otherwise let each run through alone, never batched).
+            await asyncio.sleep(0)
+        if self._admitted == 1:  # alone: nothing is queued or computing, none can join
+            self.metrics.batch_size.observe(1)
+            self.metrics.batch_queue_wait.observe(0.0)
+            return model.compute(prepared)
         return await self.submit(model, prepared)
 
     async def submit(self, model: Recommender, query: Query) -> Recommendation:
         if self._task is None or self._task.done():  # started on first use, in the serving loop
             self._queue = asyncio.Queue()
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
             # A fresh context: not the first caller's (its request id would tag batch logs).
             self._task = asyncio.create_task(self._run(), name="batcher",
                                              context=contextvars.Context())
@@ -82,14 +104,12 @@ class Batcher:
         return await future
 
     async def close(self) -> None:
-        """Stop the worker (at shutdown; anything still queued is cancelled)."""
+        """Stop the batch loop (at shutdown; anything still queued is cancelled)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-        self._task = self._queue = self._executor = None
+        self._task = self._queue = None
 
     async def _collect(self, queue: asyncio.Queue[Job], batch: list[Job]) -> None:
         """Fill `batch` (owned by the caller, so a shutdown midway loses no job)."""
@@ -110,9 +130,8 @@ class Batcher:
             batch.append(queue.get_nowait())
 
     async def _run(self) -> None:
-        assert self._queue is not None and self._executor is not None
-        queue, executor = self._queue, self._executor
-        loop = asyncio.get_running_loop()
+        assert self._queue is not None
+        queue = self._queue
         batch: list[Job] = []
         try:
             while True:
@@ -124,7 +143,7 @@ class Batcher:
                 for job in batch:
                     self.metrics.batch_queue_wait.observe(started - job.queued)
                 try:
-                    outcomes = await loop.run_in_executor(executor, self._compute, batch)
+                    outcomes = self._compute(batch)
                 except Exception as exc:  # a bug here must not leave callers waiting forever
                     log.exception("batch failed")
                     outcomes = [exc] * len(batch)
@@ -148,7 +167,7 @@ class Batcher:
                 job.future.cancel()
 
     def _compute(self, batch: list[Job]) -> list[Outcome]:
-        """In the worker thread: one encoder run per model, one search per (model, n)."""
+        """One encoder run per model, one search per (model, n)."""
         outcomes: dict[Job, Outcome] = {}
         for model, jobs in groups(batch, lambda job: job.model).items():
             try:

@@ -285,6 +285,25 @@ def test_metrics_add_up_over_workers(models_dir, redis_url, tmp_path):
     assert metric(after, "recsys_reloads_total", result="success") == 2  # one load per worker
 
 
+def test_granian_serves_the_same_app_with_two_workers(models_dir, redis_url, tmp_path):
+    # SERVER=granian: the same app behind granian's workers; /metrics still sums them.
+    with serve(models_dir, tmp_path / "server.log", 2, redis_url=redis_url,
+               server="granian") as server:
+        assert len(server.workers) == 2
+        pids = {server.get("/healthz").json()["pid"] for _ in range(200)}
+        answers = [server.post("/recommend", {"user_id": f"u{i}", "history": ["1"], "k": 4})
+                   for i in range(20)]
+        bad = server.post("/recommend", {"user_id": "u", "k": "four"})
+        after = server.get("/metrics").text
+        process = server.process
+    assert pids == server.workers
+    assert {a.status_code for a in answers} == {200}
+    assert all(len(a.json()["items"]) == 4 for a in answers)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "k"]
+    assert metric(after, "recsys_recommendations_total") == 20
+    assert process.returncode == 0  # SIGTERM: a clean stop of both workers
+
+
 def test_auto_faiss_threads_split_the_cores_between_workers(monkeypatch):
     from types import SimpleNamespace
 

@@ -35,6 +35,31 @@ def test_recommend_honours_k_exclusions_and_has_no_duplicates(client):
     assert sum(s["items"] for s in body["interests"]) == 15
 
 
+@pytest.mark.parametrize("overrides", [{}, {"adaptive_interests": True}])
+def test_recommend_bodies_are_exactly_their_schema_model(client_for, overrides):
+    # The answer is serialised directly (service/schemas.py FastJSONResponse), not through
+    # RecommendResponse: it must still be that model, field for field, key order included.
+    from service.schemas import RecommendResponse
+
+    client = client_for(**overrides)
+    history = known_items(client, 8)
+    for request in ({"user_id": "u", "k": 12, "history": history},
+                    {"user_id": "u", "k": 5},  # popularity fallback: interest null
+                    {"user_id": "u", "k": 3, "history": ["no-such-item"]}):
+        response = client.post("/recommend", json=request)
+        assert response.status_code == 200 and response.headers["content-type"] == \
+            "application/json"
+        body = response.json()
+        model = RecommendResponse.model_validate(body)
+        assert list(body) == list(RecommendResponse.model_fields)
+        assert model.model_dump(mode="json") == body
+        for item in body["items"]:
+            assert list(item) == ["item_id", "score", "interest", "title"]
+        for summary in body["interests"]:
+            assert list(summary) == ["interest", "items", "weight", "name", "confidence",
+                                     "merged_into", "dropped"]
+
+
 def test_exclude_seen_drops_the_history(client):
     history = known_items(client, 8)
     plain = client.post("/recommend", json={"user_id": "u", "k": 50, "history": history}).json()

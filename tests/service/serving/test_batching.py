@@ -154,6 +154,27 @@ def test_a_lone_request_is_not_held_for_the_window(models_dir):
     assert batches(metrics) == (1, 0)
 
 
+def test_a_request_alone_in_the_worker_skips_the_batch_queue(models_dir):
+    app = create_app(make_settings(models_dir, batch_window_ms=1000))
+    state = app.state.recsys
+
+    async def scenario() -> list[dict]:
+        async with serving(app) as client:
+            items = state.models.current.bundle.item_ids.tolist()
+            return [(await client.post("/recommend", json={"user_id": f"u{i}", "k": 5,
+                                                            "history": items[i:i + 5]})).json()
+                    for i in range(3)]
+
+    answers = asyncio.run(scenario())
+    model = tiny_model(models_dir)
+    items = model.bundle.item_ids.tolist()
+    for i, body in enumerate(answers):  # the answer it gets alone, without the batch loop
+        assert [it["item_id"] for it in body["items"]] == model.recommend(
+            items[i:i + 5], 5).item_ids
+    assert state.batcher._task is None  # the batch loop never started
+    assert batches(state.metrics) == (3, 0)
+
+
 def test_the_window_holds_a_batch_open_for_late_mates_until_it_is_full(models_dir):
     model = tiny_model(models_dir)
     items = model.bundle.item_ids.tolist()
