@@ -442,6 +442,33 @@ def print_table(result: dict[str, Any]) -> None:
                   f"{level['loadavg_end'][0]:.2f}", file=sys.stderr)
 
 
+def markdown(out: dict[str, Any]) -> str:
+    """The run as markdown tables, one per bundle (what --out writes beside the JSON)."""
+    lines = [f"`{' '.join(out.get('argv', [])) or 'benchmarks/service_load.py'}`; client "
+             f"{out['client']}, {out['cpus']} CPUs, service settings {out['service_env']}"]
+    for result in out["bundles"]:
+        f = result["floor"]
+        lines += ["", f"**{result['bundle']}** ({result['items']:,} items, {f['index']} "
+                  f"{f['search_params']}, FAISS threads {f['faiss_threads']}): floor p50 "
+                  f"{f['p50_ms']} ms ({f['rps']:,.0f} requests/s on one thread); PSS ready "
+                  f"{result['pss_mb_ready']} MB, peak {result['pss_mb_peak']} MB", "",
+                  "| c | filter (allows) | req/s (x floor rate) | p50 ms (x floor) | p99 ms | "
+                  "p50 / unfiltered | errors | load avg (1 min) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, level in result.items():
+            if not (key.startswith("http_c") and isinstance(level, dict)):
+                continue
+            share = (f"{level['filter_share']:g} ({level['allowed_share']:.2%})"
+                     if "filter_share" in level else "-")
+            lines.append(
+                f"| {level['concurrency']} | {share} | {level['rps']:,.0f} "
+                f"({level['rps'] / f['rps']:.2f}x) | {level['p50_ms']} "
+                f"({level['p50_over_floor_p50']}x) | {level['p99_ms']} | "
+                f"{level.get('p50_over_unfiltered_p50', '-')} | {level['errors']} | "
+                f"{level['loadavg_start'][0]}-{level['loadavg_end'][0]} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -469,8 +496,14 @@ def main() -> None:
                         help="also run each level with a category filter allowing about this "
                              "share of the items (e.g. 0.1 0.01)")
     parser.add_argument("--httpx", action="store_true", help="use the httpx client, not wrk")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--out", type=Path, help="also write the JSON here (and its tables "
+                                                 "as markdown beside it, .md)")
+    parser.add_argument("--markdown", type=Path, metavar="JSON",
+                        help="print the tables of a saved run's JSON and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())), end="")
+        return
 
     service_env = {key: str(value) for key, value in (
         ("WORKERS", args.workers), ("BATCH_MAX_SIZE", args.batch_max_size),
@@ -490,7 +523,7 @@ def main() -> None:
     out: dict[str, Any] = {"cpus": os.cpu_count(), "loadavg_start": loadavg(),
                            "client": "httpx" if args.httpx or not shutil.which("wrk") else
                            "wrk", "concurrency": args.concurrency, "seconds": args.seconds,
-                           "service_env": service_env, "bundles": []}
+                           "service_env": service_env, "argv": sys.argv[1:], "bundles": []}
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -511,6 +544,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(out))
     print(text)
 
 

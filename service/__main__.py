@@ -13,13 +13,21 @@ workers' files.
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-import tempfile
 
-from pydantic import ValidationError
+# One BLAS thread per process, read when numpy loads (so before any import that loads it):
+# the BLAS products here are small (an exact filtered search, a few interests), and
+# OpenBLAS's default of one spinning thread per core in every worker took the cores from
+# the other worker. On the 1M bundle at 1% filters, c=16: 267 -> 927 requests/s
+# (docs/results.md, "Filters, availability, similar items"). An operator's value stays.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from service.settings import Settings, get_settings
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+from pydantic import ValidationError  # noqa: E402
+
+from service.settings import Settings, get_settings  # noqa: E402
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 APP_FACTORY = "service.app:create_app"

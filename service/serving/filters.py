@@ -14,7 +14,8 @@ is the best k among the allowed items, not what is left of an unfiltered top-k:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import faiss
@@ -23,6 +24,10 @@ import numpy as np
 # Up to this many allowed rows an exact search over them is cheaper than a restricted ANN
 # search (and exact); above it the ANN index with an IDSelector.
 EXACT_FILTER_MAX_ROWS = 20_000
+# Resolved filters kept per model (ResolvedFilters): at most this many rows in all (int64:
+# 32 MB), and this many filters.
+FILTER_CACHE_ROWS = 4_000_000
+FILTER_CACHE_ENTRIES = 256
 
 
 class FilterError(ValueError):
@@ -45,6 +50,68 @@ class ItemFilter:
 
     def __bool__(self) -> bool:
         return bool(self.include or self.exclude or self.item_ids is not None)
+
+    def key(self) -> Hashable | None:
+        """What the allowed rows depend on, hashable; None for an allow-list of ids (one
+        user's candidates, rarely sent twice: not worth a cache entry)."""
+        if self.item_ids is not None:
+            return None
+
+        def canonical(part: Mapping[str, Sequence[str]]) -> tuple:
+            return tuple(sorted((name, tuple(sorted(set(values))))
+                                for name, values in part.items()))
+
+        return canonical(self.include), canonical(self.exclude)
+
+
+class ResolvedFilters:
+    """Filters one model resolved lately: their allowed rows by key (the filter's and the
+    availability version), and the FAISS bitmap of those rows once a restricted search built
+    it. A category page sends the same filter again and again, and on a 1M catalogue resolving
+    it (passes over every row) and building its bitmap cost as much as the filtered search
+    (docs/results.md, "Filters, availability, similar items"). Least recently used first out,
+    within FILTER_CACHE_ROWS rows and FILTER_CACHE_ENTRIES filters."""
+
+    def __init__(self, max_rows: int = FILTER_CACHE_ROWS,
+                 max_entries: int = FILTER_CACHE_ENTRIES) -> None:
+        self.max_rows, self.max_entries = max_rows, max_entries
+        self._rows: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._bitmaps: dict[int, np.ndarray] = {}  # id(rows) -> bitmap, of cached rows only
+        self._size = 0
+
+    def get(self, key: Hashable) -> np.ndarray | None:
+        rows = self._rows.get(key)
+        if rows is not None:
+            self._rows.move_to_end(key)
+        return rows
+
+    def put(self, key: Hashable, rows: np.ndarray) -> None:
+        if len(rows) > self.max_rows or key in self._rows:
+            return
+        self._rows[key] = rows
+        self._size += len(rows)
+        while self._size > self.max_rows or len(self._rows) > self.max_entries:
+            _, old = self._rows.popitem(last=False)
+            self._size -= len(old)
+            self._bitmaps.pop(id(old), None)
+
+    def bitmap(self, rows: np.ndarray, ntotal: int) -> np.ndarray:
+        """The bitmap of `rows` over `ntotal` ids, kept while `rows` is a cached entry (the
+        entry holds the array, so its id is not reused meanwhile)."""
+        found = self._bitmaps.get(id(rows))
+        if found is not None:
+            return found
+        bitmap = rows_bitmap(rows, ntotal)
+        if any(cached is rows for cached in self._rows.values()):
+            self._bitmaps[id(rows)] = bitmap
+        return bitmap
+
+
+def rows_bitmap(rows: np.ndarray, ntotal: int) -> np.ndarray:
+    """FAISS IDSelectorBitmap's layout: bit i (little-endian within each byte) set for row i."""
+    mask = np.zeros(ntotal, dtype=bool)
+    mask[rows] = True
+    return np.packbits(mask, bitorder="little")
 
 
 def _postings(fields: Mapping[str, Mapping[str, np.ndarray]], part: str, name: str,
@@ -82,6 +149,16 @@ def allowed_rows(item_filter: ItemFilter, fields: Mapping[str, Mapping[str, np.n
     return np.flatnonzero(allowed)
 
 
+def in_sorted(values: np.ndarray, sorted_rows: np.ndarray) -> np.ndarray:
+    """np.isin(values, sorted_rows) for an ascending `sorted_rows`: one binary search per
+    value. np.isin hashes the large side on every call (15 ms for 100,000 allowed rows, more
+    than the filtered search itself)."""
+    if not len(sorted_rows):
+        return np.zeros(len(values), dtype=bool)
+    at = np.searchsorted(sorted_rows, values)
+    return sorted_rows[np.minimum(at, len(sorted_rows) - 1)] == values
+
+
 def exact_search(queries: np.ndarray, vectors: np.ndarray, rows: np.ndarray, n: int
                  ) -> tuple[np.ndarray, np.ndarray]:
     """queries [Q, d] against vectors[rows] only: (scores, rows) [Q, min(n, len(rows))],
@@ -99,19 +176,19 @@ def exact_search(queries: np.ndarray, vectors: np.ndarray, rows: np.ndarray, n: 
 
 
 def restricted_search(index: faiss.Index, kind: str, search_params: Mapping[str, int],
-                      queries: np.ndarray, rows: np.ndarray, n: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      queries: np.ndarray, rows: np.ndarray, n: int,
+                      bitmap: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`index.search` restricted to `rows` by an IDSelector, at the bundle's operating point.
     HNSW keeps efSearch candidates whatever the filter, and fewer of them pass it the
     narrower it is: efSearch is raised to n / sqrt(selectivity) where that is above the
     bundle's (on the 1M bundle at 10%, the bundle's 256 already gave recall@20 0.96 at the
     unfiltered latency, and n / selectivity = 500 doubled the latency for 0.97;
-    docs/results.md, "Filters, availability, similar items")."""
+    docs/results.md, "Filters, availability, similar items"). `bitmap`: rows_bitmap(rows),
+    when the caller has it already."""
     if len(rows) == 0:
         return (np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64))
-    mask = np.zeros(index.ntotal, dtype=bool)
-    mask[rows] = True
-    bitmap = np.packbits(mask, bitorder="little")
+    if bitmap is None:
+        bitmap = rows_bitmap(rows, index.ntotal)
     selector = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bitmap))
     if kind == "hnsw":
         params = faiss.SearchParametersHNSW()

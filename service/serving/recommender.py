@@ -13,8 +13,10 @@ from service.bundle.load import Bundle
 from service.serving.filters import (
     EXACT_FILTER_MAX_ROWS,
     ItemFilter,
+    ResolvedFilters,
     allowed_rows,
     exact_search,
+    in_sorted,
     restricted_search,
 )
 from service.serving.interest_names import InterestNamer
@@ -109,6 +111,7 @@ class Recommender:
         # Derived from the availability snapshot, per its version: (version, rows).
         self._unavailable: tuple[int, np.ndarray] | None = None
         self._available: tuple[int, np.ndarray] | None = None
+        self._filters = ResolvedFilters()
 
     def to_internal(self, item_ids: list[str]) -> tuple[list[int], int]:
         """Known internal ids in order, and how many ids were unknown."""
@@ -128,8 +131,18 @@ class Recommender:
             if len(gone) <= UNAVAILABLE_AS_EXCLUSIONS:
                 return None, gone
             return self._available_rows(unavailable), None
+        key = item_filter.key()
+        if key is not None:
+            key = (key, unavailable.version)
+            cached = self._filters.get(key)
+            if cached is not None:
+                return cached, None
         rows = allowed_rows(item_filter, self.bundle.fields, self.internal, self.item_count)
-        return (rows[~np.isin(rows, gone)] if len(gone) else rows), None
+        if len(gone):
+            rows = rows[~np.isin(rows, gone)]
+        if key is not None:
+            self._filters.put(key, rows)
+        return rows, None
 
     def unavailable_rows(self, unavailable: Snapshot) -> np.ndarray:
         """This catalogue's rows of the unavailable ids (ascending); cached per version."""
@@ -181,7 +194,7 @@ class Recommender:
         if unavailable is not None and len(unavailable):
             excluded = np.union1d(excluded, unavailable)
         if allowed is not None:
-            excluded = excluded[np.isin(excluded, allowed)]  # the others cannot come back
+            excluded = excluded[in_sorted(excluded, allowed)]  # the others cannot come back
         pool = self.item_count if allowed is None else len(allowed)
         k = min(k, pool - len(excluded))
         if not known:
@@ -223,7 +236,7 @@ class Recommender:
             return exact_search(queries, self.bundle.item_vectors, allowed, n)
         self._set_search_threads()
         return restricted_search(self.bundle.index, info.kind, info.search_params, queries,
-                                 allowed, n)
+                                 allowed, n, self._filters.bitmap(allowed, self.item_count))
 
     def similar(self, item_id: str, k: int, allowed: np.ndarray | None = None,
                 unavailable: np.ndarray | None = None) -> SimilarItems:

@@ -19,7 +19,7 @@ import math
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -85,45 +85,6 @@ return 1
 """
 
 
-class HistoryReads:
-    """History reads (LRANGE) of requests that reach Redis in the same event-loop turn go
-    as one pipeline: one connection checkout, one write and one read for all of them (at 16
-    concurrent requests, +2-5% requests/s; docs/results.md, "Serving overhead"). A failed
-    pipeline fails each of its reads with StoreUnavailable, as a failed LRANGE did."""
-
-    def __init__(self, client: aioredis.Redis | RedisCluster) -> None:
-        self.client = client
-        self._pending: list[tuple[str, asyncio.Future[list[str]]]] = []
-
-    async def read(self, key: str) -> list[str]:
-        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._pending.append((key, future))
-        if len(self._pending) == 1:  # the first of this turn sends them all, a turn later
-            await asyncio.sleep(0)
-            pending, self._pending = self._pending, []
-            await self._send(pending)
-        return await future
-
-    async def _send(self, pending: list[tuple[str, asyncio.Future[list[str]]]]) -> None:
-        try:
-            if len(pending) == 1:
-                replies: list[Any] = [await self.client.lrange(pending[0][0], 0, -1)]
-            else:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for key, _ in pending:
-                        pipe.lrange(key, 0, -1)
-                    replies = await pipe.execute(raise_on_error=False)
-        except REDIS_ERRORS as exc:
-            replies = [exc] * len(pending)
-        for (_, future), reply in zip(pending, replies, strict=True):
-            if future.done():
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(StoreUnavailable(f"redis: {reply}"))
-            else:
-                future.set_result(reply)
-
-
 class RedisHistoryStore:
     kind = "redis"
 
@@ -145,7 +106,6 @@ class RedisHistoryStore:
         self.shard_max_len = math.ceil(stream_max_len / self.layout.shards)
         self.script = self.client.register_script(_RECORD_SCRIPT)
         self.group_ready = False
-        self._reads = HistoryReads(self.client)
 
     async def ensure_group(self) -> None:
         """Create the nightly job's consumer group on every stream shard (from its start) if
@@ -217,7 +177,10 @@ class RedisHistoryStore:
         return StreamStats(length=sum(lengths), lag=lag)
 
     async def history(self, user_id: str) -> list[str]:
-        return await self._reads.read(self.layout.history_key(user_id))
+        try:
+            return await self.client.lrange(self.layout.history_key(user_id), 0, -1)
+        except REDIS_ERRORS as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
 
     async def delete(self, user_id: str) -> bool:
         try:

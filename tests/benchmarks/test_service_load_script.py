@@ -40,3 +40,7 @@ def test_service_load_reports_plain_and_filtered_levels(tiny_bundle, tmp_path, c
     # The filters include whole categories until they hold at least the share asked for.
     categories = load_bundle(tiny_bundle, verify=False).fields["category"]
     assert 0.2 <= filtered["allowed_share"] < 1.0 and len(categories) > 1
+    # The tables beside the JSON: one row per level, the filtered one with its share.
+    table = out.with_suffix(".md").read_text()
+    assert f"| 2 | 0.2 ({filtered['allowed_share']:.2%}) | {filtered['rps']:,.0f} " in table
+    assert f"| 2 | - | {plain['rps']:,.0f} " in table

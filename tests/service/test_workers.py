@@ -241,6 +241,9 @@ def test_second_worker_shares_the_bundle(tmp_path, redis_url):
 def test_each_worker_swaps_to_a_new_version(models_dir, redis_url, tmp_path):
     with serve(models_dir, tmp_path / "server.log", 2, redis_url=redis_url) as server:
         assert len(server.workers) == 2
+        for pid in server.workers:  # one BLAS thread each (service/__main__.py)
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert b"OPENBLAS_NUM_THREADS=1" in environ
         probe = server.post("/recommend", {"user_id": "p", "k": 3}).json()
         assert probe["model_version"] == 1
         history = [i["item_id"] for i in probe["items"]]
@@ -302,6 +305,35 @@ def test_granian_serves_the_same_app_with_two_workers(models_dir, redis_url, tmp
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "k"]
     assert metric(after, "recsys_recommendations_total") == 20
     assert process.returncode == 0  # SIGTERM: a clean stop of both workers
+
+
+def test_workers_stop_cleanly_right_after_concurrent_load(models_dir, redis_url, tmp_path):
+    # SIGTERM just after concurrent requests were dropped mid-flight: every worker finishes
+    # its shutdown (an orphaned worker keeps the port's other half and Redis connections).
+    import asyncio
+
+    async def burst(base: str, seconds: float) -> int:
+        """Concurrent requests on 16 connections, dropped mid-flight after `seconds` (as a
+        load generator stops): how many were answered 200."""
+        answered = 0
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            async def loop(worker: int) -> None:
+                nonlocal answered
+                for i in range(10**6):
+                    r = await client.post("/recommend",
+                                          json={"user_id": f"u{worker}-{i % 20}", "k": 5})
+                    answered += r.status_code == 200
+
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(loop(w) for w in range(16))), seconds)
+        return answered
+
+    for _ in range(2):
+        with serve(models_dir, tmp_path / "server.log", 2, redis_url=redis_url) as server:
+            answered = asyncio.run(burst(server.base, 1.5))
+            process = server.process
+        assert answered > 0
+        assert process.returncode == 0, (tmp_path / "server.log").read_text()[-2000:]
 
 
 def test_auto_faiss_threads_split_the_cores_between_workers(monkeypatch):

@@ -78,3 +78,40 @@ def test_a_restricted_index_returns_only_allowed_rows(data, kind, factory, param
     truth = brute_force(vectors, queries, rows, 20)
     recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(found, truth, strict=True)])
     assert recall == 1.0 if kind != "hnsw" else recall >= 0.95
+
+
+def test_resolved_filters_are_reused_until_availability_or_eviction_changes_them():
+    from service.serving.filters import ResolvedFilters, rows_bitmap
+
+    cache = ResolvedFilters(max_rows=10, max_entries=2)
+    a, b, c = np.arange(0, 6), np.arange(6, 10), np.arange(3, 5)
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a and cache.get("b") is b
+    bitmap = cache.bitmap(a, 16)
+    assert cache.bitmap(a, 16) is bitmap  # built once while `a` is cached
+    assert np.array_equal(bitmap, rows_bitmap(a, 16))
+    assert np.unpackbits(bitmap, bitorder="little")[:16].nonzero()[0].tolist() == a.tolist()
+    cache.put("c", c)  # three entries > 2: the least recently used ("a") goes
+    assert cache.get("a") is None and cache.get("c") is c
+    assert cache.bitmap(a, 16) is not bitmap  # its bitmap went with it
+    cache.put("big", np.arange(11))  # larger than the whole budget: not kept
+    assert cache.get("big") is None and cache.get("b") is b
+
+
+def test_a_repeated_filter_answers_the_same_and_follows_availability(tiny_bundle):
+    from service.bundle.load import load_bundle
+    from service.serving.filters import ItemFilter
+    from service.serving.recommender import Recommender
+    from service.store.availability import Snapshot
+
+    model = Recommender(load_bundle(tiny_bundle))
+    category = sorted(model.bundle.fields["category"])[0]
+    f = ItemFilter(include={"category": [category]})
+    first, _ = model.restrict(f)
+    again, _ = model.restrict(ItemFilter(include={"category": [category, category]}))
+    assert again is first  # the same filter (values as a set): resolved once
+    gone_id = str(model.bundle.item_ids[first[0]])
+    later, _ = model.restrict(f, Snapshot(7, frozenset({gone_id})))
+    assert later.tolist() == first[1:].tolist()  # a new availability version: resolved anew
+    assert model.restrict(ItemFilter(item_ids=[gone_id]))[0].tolist() == [first[0]]
