@@ -245,14 +245,16 @@ def schema_with_limits(app: FastAPI, settings: Settings) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def freeze_heap() -> None:
+def freeze_heap(collect: bool) -> None:
     """Move every object alive now (the app, the libraries, the loaded models) out of the
     garbage collector's reach: a full collection then scans only what requests create. Without
     it a full collection scanned the whole heap every few seconds under load, a 30 ms stall
-    that set the p99 (docs/results.md, "Serving overhead"). Called at start and after each
-    model swap, after a collection that frees the replaced model's cycles."""
-    gc.unfreeze()
-    gc.collect()
+    that set the p99 (docs/results.md, "Serving overhead"). Called at start (no collection
+    first: nothing is garbage yet worth a pass over a heap that may hold torch, in tests) and
+    after each model swap, with a collection that frees the replaced model's cycles."""
+    if collect:
+        gc.unfreeze()
+        gc.collect()
     gc.freeze()
 
 
@@ -261,13 +263,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings.log_level)
     metrics = Metrics()
 
+    serving = False  # set once the lifespan has started: later loads are swaps
+
     def count_reload(result: str) -> None:
         metrics.reloads.labels(result).inc()
         for variant in state.variants.all:
             if variant.models.current is not None:
                 metrics.model_version.labels(variant.name).set(variant.models.current.version)
-        if result == "success":
-            freeze_heap()  # the new model's objects join the frozen heap; the old one's go
+        if result == "success" and serving:  # a swap: the new model's objects join the frozen
+            freeze_heap(collect=True)  # heap, the old one's go
 
     store = make_store(settings)
     state = AppState(
@@ -296,7 +300,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except StoreUnavailable as exc:
             log.warning("availability store unavailable at start; polling it",
                         extra={"error": str(exc)})
-        freeze_heap()
+        freeze_heap(collect=False)
+        nonlocal serving
+        serving = True
         # One loop polls every variant's models; each swaps on its own.
         watcher = asyncio.create_task(state.variants.watch(settings.reload_interval_seconds))
         availability = asyncio.create_task(

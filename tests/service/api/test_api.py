@@ -243,6 +243,20 @@ def test_hot_reload_swaps_and_refuses_a_broken_bundle(client, models_dir):
     assert client.post("/recommend", json={"user_id": "u"}).json()["model_version"] == 2
 
 
+def test_the_heap_is_frozen_at_start_and_again_after_a_swap(client_for, models_dir):
+    # service/app.py freeze_heap: the collector's full passes skip the app, libraries and model.
+    import gc
+
+    gc.unfreeze()
+    client = client_for()
+    assert gc.get_freeze_count() > 0
+    gc.unfreeze()
+    publish_copy(models_dir, models_dir / "tiny" / "1")
+    assert wait_for(lambda: client.get("/model").json()["manifest"]["version"] == 2)
+    assert gc.get_freeze_count() > 0  # refrozen by the swap
+    assert client.post("/recommend", json={"user_id": "u"}).status_code == 200
+
+
 def test_request_id_is_echoed_or_made(client):
     given = client.get("/healthz", headers={"X-Request-ID": "req-42"})
     assert given.headers["x-request-id"] == "req-42"
