@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
 from fastapi import Path
@@ -13,6 +13,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 
 from service.serving.filters import ItemFilter
 from service.store.events import ID_PATTERN, MAX_ID_LENGTH, MAX_TIMESTAMP, check_id
+
+if TYPE_CHECKING:
+    from service.serving.recommender import Recommendation
 
 # Ids are JSON strings (strict: 42 is refused, "42" is the id), 1..256 characters.
 Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH,
@@ -144,21 +147,23 @@ class FastJSONResponse(Response):
         return orjson.dumps(content)
 
 
-def recommend_body(*, user_id: str, variant: str, request_id: str, model_name: str,
-                   model_version: int, item_ids: list[str], scores: list[float],
-                   interests: list[int | None], titles: list[str],
-                   summaries: list[dict[str, Any]], fallback: bool, history_source: str,
-                   history_length: int, unknown_items: int, degraded: bool
+def recommend_body(result: Recommendation, *, user_id: str, variant: str, request_id: str,
+                   model_name: str, model_version: int, history_source: str, degraded: bool
                    ) -> dict[str, Any]:
-    """A RecommendResponse as plain JSON types (keys and order as the model's); each of
-    `summaries` an InterestSummary's fields."""
+    """A RecommendResponse as plain JSON types (keys and order as the model's)."""
     return {
         "user_id": user_id, "variant": variant, "request_id": request_id,
         "model_name": model_name, "model_version": model_version,
         "items": [{"item_id": i, "score": s, "interest": w, "title": t or None}
-                  for i, s, w, t in zip(item_ids, scores, interests, titles, strict=True)],
-        "interests": summaries, "fallback": fallback, "history_source": history_source,
-        "history_length": history_length, "unknown_items": unknown_items,
+                  for i, s, w, t in zip(result.item_ids, result.scores, result.interests,
+                                        result.titles, strict=True)],
+        "interests": [{"interest": i, "items": c, "weight": float(d.weight), "name": d.name,
+                       "confidence": None if d.confidence is None else float(d.confidence),
+                       "merged_into": d.merged_into, "dropped": d.dropped}
+                      for i, (c, d) in enumerate(zip(result.interest_counts,
+                                                     result.interest_details, strict=True))],
+        "fallback": result.fallback, "history_source": history_source,
+        "history_length": result.used_history, "unknown_items": result.unknown_items,
         "degraded": degraded,
     }
 

@@ -93,17 +93,9 @@ async def answer(body: RecommendRequest, state: State) -> FastJSONResponse:
         metrics.fallbacks.inc()
     sources = [name for name, used in (("stored", stored), ("request", body.history)) if used]
     return FastJSONResponse(recommend_body(
-        user_id=body.user_id, variant=variant.name, request_id=request_id,
-        model_name=model.name, model_version=model.version, item_ids=result.item_ids,
-        scores=result.scores, interests=result.interests, titles=result.titles,
-        summaries=[{"interest": i, "items": c, "weight": float(d.weight), "name": d.name,
-                    "confidence": None if d.confidence is None else float(d.confidence),
-                    "merged_into": d.merged_into, "dropped": d.dropped}
-                   for i, (c, d) in enumerate(zip(result.interest_counts,
-                                                  result.interest_details, strict=True))],
-        fallback=result.fallback, history_source="+".join(sources) or "none",
-        history_length=result.used_history, unknown_items=result.unknown_items,
-        degraded=degraded))
+        result, user_id=body.user_id, variant=variant.name, request_id=request_id,
+        model_name=model.name, model_version=model.version,
+        history_source="+".join(sources) or "none", degraded=degraded))
 
 
 async def remember(state: AppState, request_id: str, user_id: str, variant: str,

@@ -75,36 +75,41 @@ class ResolvedFilters:
     def __init__(self, max_rows: int = FILTER_CACHE_ROWS,
                  max_entries: int = FILTER_CACHE_ENTRIES) -> None:
         self.max_rows, self.max_entries = max_rows, max_entries
-        self._rows: OrderedDict[Hashable, np.ndarray] = OrderedDict()
-        self._bitmaps: dict[int, np.ndarray] = {}  # id(rows) -> bitmap, of cached rows only
+        # key -> [rows, its bitmap or None until a restricted search asks for it]
+        self._entries: OrderedDict[Hashable, list] = OrderedDict()
+        # id(rows) -> key, for the cached arrays only (an entry holds its array, so the id is
+        # not reused while the entry lives)
+        self._keys: dict[int, Hashable] = {}
         self._size = 0
 
     def get(self, key: Hashable) -> np.ndarray | None:
-        rows = self._rows.get(key)
-        if rows is not None:
-            self._rows.move_to_end(key)
-        return rows
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
 
     def put(self, key: Hashable, rows: np.ndarray) -> None:
-        if len(rows) > self.max_rows or key in self._rows:
+        if len(rows) > self.max_rows or key in self._entries:
             return
-        self._rows[key] = rows
+        self._entries[key] = [rows, None]
+        self._keys[id(rows)] = key
         self._size += len(rows)
-        while self._size > self.max_rows or len(self._rows) > self.max_entries:
-            _, old = self._rows.popitem(last=False)
+        while self._size > self.max_rows or len(self._entries) > self.max_entries:
+            _, (old, _) = self._entries.popitem(last=False)
             self._size -= len(old)
-            self._bitmaps.pop(id(old), None)
+            del self._keys[id(old)]
 
     def bitmap(self, rows: np.ndarray, ntotal: int) -> np.ndarray:
-        """The bitmap of `rows` over `ntotal` ids, kept while `rows` is a cached entry (the
-        entry holds the array, so its id is not reused meanwhile)."""
-        found = self._bitmaps.get(id(rows))
-        if found is not None:
-            return found
-        bitmap = rows_bitmap(rows, ntotal)
-        if any(cached is rows for cached in self._rows.values()):
-            self._bitmaps[id(rows)] = bitmap
-        return bitmap
+        """The bitmap of `rows` over `ntotal` ids: built once while `rows` is a cached entry,
+        built per call otherwise."""
+        key = self._keys.get(id(rows))
+        entry = self._entries.get(key) if key is not None else None
+        if entry is None:
+            return rows_bitmap(rows, ntotal)
+        if entry[1] is None:
+            entry[1] = rows_bitmap(rows, ntotal)
+        return entry[1]
 
 
 def rows_bitmap(rows: np.ndarray, ntotal: int) -> np.ndarray:

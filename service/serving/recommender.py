@@ -299,16 +299,14 @@ class Recommender:
         start, chunk = 0, max(4 * n, 1024)
         while len(found) < n and start < self.item_count and len(allowed):
             rows = self.popular_rows[start : start + chunk]
-            at = np.minimum(np.searchsorted(allowed, rows), len(allowed) - 1)
-            found = np.concatenate([found, rows[allowed[at] == rows]])
+            found = np.concatenate([found, rows[in_sorted(rows, allowed)]])
             start, chunk = start + chunk, chunk * 4
         return found[:n]
 
     def _popular(self, k: int, excluded: np.ndarray, unknown: int,
                  allowed: np.ndarray | None = None) -> Recommendation:
-        rows = self.popular_rows[: k + len(excluded)]
-        if allowed is not None:
-            rows = self._popular_allowed(k + len(excluded), allowed)
+        rows = (self.popular_rows[: k + len(excluded)] if allowed is None
+                else self._popular_allowed(k + len(excluded), allowed))
         if len(excluded):
             rows = rows[~np.isin(rows, excluded)]
         rows = rows[:k]
