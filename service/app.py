@@ -27,6 +27,7 @@ from service.observability import Metrics, configure_logging, mark_worker_dead, 
 from service.schemas import is_request_id
 from service.serving.batching import Batcher
 from service.serving.recommender import Shaping
+from service.serving.rows import RowPolicy
 from service.serving.variants import build_variants
 from service.settings import Settings, get_settings
 from service.store.availability import (
@@ -284,7 +285,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.batch_max_size > 1 else None,
         shaping=Shaping(
             merge_cosine=settings.interest_merge_cosine if settings.adaptive_interests else None,
-            min_name_confidence=settings.min_name_confidence))
+            min_name_confidence=settings.min_name_confidence,
+            copy_cosine=settings.interest_merge_cosine,
+            rows=RowPolicy(size=settings.row_size, min_support=settings.row_min_support,
+                           history_weight=settings.row_history_weight,
+                           min_ratio=settings.row_min_ratio),
+            row_fields=tuple(f.strip() for f in settings.row_fields.split(",") if f.strip())))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

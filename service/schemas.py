@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import numpy as np
 import orjson
 from fastapi import Path
 from fastapi.exceptions import RequestValidationError
@@ -16,6 +17,7 @@ from service.store.events import ID_PATTERN, MAX_ID_LENGTH, MAX_TIMESTAMP, check
 
 if TYPE_CHECKING:
     from service.serving.recommender import Recommendation
+    from service.serving.rows import Row
 
 # Ids are JSON strings (strict: 42 is refused, "42" is the id), 1..256 characters.
 Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH,
@@ -45,6 +47,10 @@ def check_request_id(value: str) -> str:
 
 RequestId = Annotated[StrictStr, Field(json_schema_extra={"pattern": REQUEST_ID_PATTERN}),
                       AfterValidator(check_request_id)]
+
+
+MAX_ROWS = 10  # interest rows one answer may ask for
+MAX_ROW_SIZE = 100  # items per row at most
 
 
 class Body(BaseModel):
@@ -88,6 +94,13 @@ class RecommendRequest(Body):
     diversity: float = Field(0.0, ge=0.0, le=1.0, description=(
         "0: the K interests' items merged by score; up to 1: places go to interests not yet "
         "represented in the list at the cost of score (ignored with ADAPTIVE_INTERESTS)"))
+    rows: int = Field(0, ge=0, le=MAX_ROWS, description=(
+        "interest rows to return beside the list (0: none, the list alone): up to this many "
+        "explicit interests of the user (item categories, ESIM labels), each with the best "
+        "items inside it; a user with one taste gets one row; no item is in two rows; "
+        "filters, exclusions and availability apply as to the list"))
+    row_size: int | None = Field(None, ge=1, le=MAX_ROW_SIZE, description=(
+        "items per row (default: ROW_SIZE)"))
 
 
 class RecommendedItem(BaseModel):
@@ -109,10 +122,27 @@ class InterestSummary(BaseModel):
                              "when not confident enough or the bundle has no vocabulary")
     confidence: float | None = Field(None, description="cosine of the interest and its "
                                      "nearest vocabulary label; null without a vocabulary")
-    merged_into: int | None = Field(None, description="ADAPTIVE_INTERESTS: the interest this "
-                                    "near-duplicate was merged into")
+    merged_into: int | None = Field(None, description="the interest this near-copy (within "
+                                    "INTEREST_MERGE_COSINE) is reported as: its items and weight "
+                                    "count there (with ADAPTIVE_INTERESTS it is also merged in "
+                                    "the list)")
     dropped: bool = Field(False, description="ADAPTIVE_INTERESTS: no history item supports "
                                              "this interest, so it retrieved nothing")
+
+
+class InterestRow(BaseModel):
+    interest: str = Field(description="the explicit interest, as `source:name` (e.g. "
+                                      "`category:Comedy`): usable as a filter on that field")
+    name: str = Field(description="what to call the row (the field's value)")
+    source: str = Field(description="the item field the interest comes from: `category`, "
+                                    "`esim_label` (ESIM's item labels), or a declared field")
+    confidence: float = Field(description="the model's predicted share of the user's next "
+                                          "item that falls inside this interest (0..1), blended "
+                                          "with the history's share as ROW_HISTORY_WEIGHT says")
+    because: list[str] = Field(description="the history items it stands for, most recent first")
+    because_titles: list[str | None] = Field(description="their titles")
+    items: list[RecommendedItem] = Field(description="the best items inside the interest by "
+                                                     "the list's score, best first")
 
 
 class RecommendResponse(BaseModel):
@@ -132,6 +162,9 @@ class RecommendResponse(BaseModel):
     degraded: bool = Field(False, description="the history store was unreachable: only the "
                                               "request's own history was used (none: the "
                                               "popularity fallback)")
+    rows: list[InterestRow] = Field(default_factory=list, description=(
+        "interest rows (`rows` in the request; empty when not asked for, or for the "
+        "popularity fallback, which has no history to stand for)"))
 
 
 class FastJSONResponse(Response):
@@ -148,8 +181,8 @@ class FastJSONResponse(Response):
 
 
 def recommend_body(result: Recommendation, *, user_id: str, variant: str, request_id: str,
-                   model_name: str, model_version: int, history_source: str, degraded: bool
-                   ) -> dict[str, Any]:
+                   model_name: str, model_version: int, history_source: str, degraded: bool,
+                   ids: np.ndarray, titles: np.ndarray) -> dict[str, Any]:
     """A RecommendResponse as plain JSON types (keys and order as the model's)."""
     return {
         "user_id": user_id, "variant": variant, "request_id": request_id,
@@ -165,6 +198,22 @@ def recommend_body(result: Recommendation, *, user_id: str, variant: str, reques
         "fallback": result.fallback, "history_source": history_source,
         "history_length": result.used_history, "unknown_items": result.unknown_items,
         "degraded": degraded,
+        "rows": [row_body(row, ids, titles) for row in result.rows],
+    }
+
+
+def row_body(row: Row, ids: np.ndarray, titles: np.ndarray) -> dict[str, Any]:
+    """An InterestRow as plain JSON types; `ids`, `titles`: the bundle's, by row."""
+    interest = row.interest
+    because = np.asarray(interest.because, dtype=np.int64)
+    return {
+        "interest": f"{interest.field}:{interest.name}", "name": interest.name,
+        "source": interest.field, "confidence": interest.score,
+        "because": ids[because].tolist(),
+        "because_titles": [t or None for t in titles[because].tolist()],
+        "items": [{"item_id": i, "score": s, "interest": h, "title": t or None}
+                  for i, s, h, t in zip(ids[list(row.rows)].tolist(), row.scores, row.heads,
+                                        titles[list(row.rows)].tolist(), strict=True)],
     }
 
 

@@ -71,8 +71,12 @@ async def answer(body: RecommendRequest, state: State) -> FastJSONResponse:
         raise invalid(exc.loc, exc.message, exc.value) from exc
     history = stored + (body.history or [])
     exclude = body.exclude + (history if body.exclude_seen else [])
-    shaping = (replace(state.shaping, diversity=body.diversity) if body.diversity
-               else state.shaping)
+    shaping = state.shaping
+    if body.diversity:
+        shaping = replace(shaping, diversity=body.diversity)
+    if body.rows:
+        shaping = replace(shaping, rows=replace(
+            shaping.rows, rows=body.rows, size=body.row_size or shaping.rows.size))
     if state.batcher is None:  # BATCH_MAX_SIZE=1: computed alone, on the event loop
         result = model.recommend(history, k, exclude, settings.per_interest_fanout, shaping,
                                  allowed, gone)
@@ -95,7 +99,8 @@ async def answer(body: RecommendRequest, state: State) -> FastJSONResponse:
     return FastJSONResponse(recommend_body(
         result, user_id=body.user_id, variant=variant.name, request_id=request_id,
         model_name=model.name, model_version=model.version,
-        history_source="+".join(sources) or "none", degraded=degraded))
+        history_source="+".join(sources) or "none", degraded=degraded,
+        ids=model.bundle.item_ids, titles=model.bundle.titles))
 
 
 async def remember(state: AppState, request_id: str, user_id: str, variant: str,

@@ -22,10 +22,13 @@ from service.serving.filters import (
 from service.serving.interest_names import InterestNamer
 from service.serving.retrieval import (
     adapt_interests,
+    copy_groups,
     interest_support,
     merge_by_share,
     merge_diverse,
+    merge_interest_results,
 )
+from service.serving.rows import FieldLabels, Row, RowPolicy, interest_rows
 from service.store.availability import EMPTY as NO_UNAVAILABLE
 from service.store.availability import Snapshot
 
@@ -48,6 +51,13 @@ class Shaping:
     # Per request: trade score for coverage of the interests (merge_diverse); 0: by score.
     # Adaptive interests set each interest's share themselves and ignore it.
     diversity: float = 0.0
+    # Interests within this cosine are reported as one in the answer's interest summary (and
+    # the items they gave as the kept one's); the list itself is unchanged. None: each apart.
+    copy_cosine: float | None = 0.9
+    # Interest rows (service.serving.rows): how many (per request), their size and choice, and
+    # the item fields they may come from, in order of preference for equal scores.
+    rows: RowPolicy = RowPolicy()
+    row_fields: tuple[str, ...] = ("category",)
 
 
 DEFAULT_SHAPING = Shaping()
@@ -74,6 +84,7 @@ class Recommendation:
     unknown_items: int  # history ids not in the catalogue (ignored)
     interest_counts: list[int] = field(default_factory=list)
     interest_details: list[InterestDetail] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # interest rows, when asked for
 
 
 @dataclass
@@ -112,6 +123,19 @@ class Recommender:
         self._unavailable: tuple[int, np.ndarray] | None = None
         self._available: tuple[int, np.ndarray] | None = None
         self._filters = ResolvedFilters()
+        self._row_labels: dict[str, FieldLabels] = {}  # built on first use per field
+
+    def row_labels(self, names: tuple[str, ...]) -> list[FieldLabels]:
+        """The fields rows may come from that this bundle carries (e.g. no ESIM labels in a
+        bundle trained without ESIM), each indexed once per model."""
+        out = []
+        for name in names:
+            if name not in self._row_labels and name in self.bundle.fields:
+                self._row_labels[name] = FieldLabels.from_postings(
+                    name, self.bundle.fields[name], self.item_count)
+            if name in self._row_labels:
+                out.append(self._row_labels[name])
+        return out
 
     def to_internal(self, item_ids: list[str]) -> tuple[list[int], int]:
         """Known internal ids in order, and how many ids were unknown."""
@@ -263,26 +287,32 @@ class Recommender:
     def finish(self, query: Query, scores: np.ndarray, rows: np.ndarray,
                interests: np.ndarray) -> Recommendation:
         """One request's [K, n] search results and its interests [K, d] -> its merged,
-        post-processed list with what each interest is (weight, name)."""
+        post-processed list with what each interest is (weight, name), and its rows."""
         history = query.row[query.row > 0]
         support = interest_support(interests, self.bundle.item_vectors[history - 1])
-        cosine = query.shaping.merge_cosine
+        shaping = query.shaping
+        cosine = shaping.merge_cosine
         if cosine is None:
-            ids, best, which = merge_diverse(scores, rows, query.k, query.shaping.diversity,
+            ids, best, which = merge_diverse(scores, rows, query.k, shaping.diversity,
                                              query.excluded)
             weights = support / max(int(support.sum()), 1)
             merged_into = np.arange(self.num_interests)
+            if shaping.copy_cosine is not None:  # a report of what the list is made of
+                merged_into = copy_groups(interests, support, shaping.copy_cosine)
+                which = merged_into[which]
+                weights = np.bincount(merged_into, weights=weights,
+                                      minlength=self.num_interests)
         else:
             weights, merged_into = adapt_interests(interests, support, cosine)
             ids, best, which = merge_by_share(scores, rows, query.k, weights, query.excluded)
-        names = (self.namer.name(interests, query.shaping.min_name_confidence)
+        names = (self.namer.name(interests, shaping.min_name_confidence)
                  if self.namer is not None else [(None, None)] * self.num_interests)
         details = []
         for i, (name, confidence) in enumerate(names):
             target = int(merged_into[i])
             details.append(InterestDetail(
                 weight=round(float(weights[i]), 4),
-                merged_into=target if cosine is not None and target not in (i, -1) else None,
+                merged_into=target if target not in (i, -1) else None,
                 dropped=cosine is not None and target == -1, name=name, confidence=confidence))
         counts = np.bincount(which, minlength=self.num_interests).tolist()
         return Recommendation(
@@ -290,7 +320,23 @@ class Recommender:
             scores=best.astype(float).tolist(),
             interests=which.tolist(), fallback=False, used_history=query.used_history,
             unknown_items=query.unknown_items, interest_counts=counts,
-            interest_details=details)
+            interest_details=details, rows=self._rows(query, scores, rows, interests, history))
+
+    def _rows(self, query: Query, scores: np.ndarray, rows: np.ndarray,
+              interests: np.ndarray, history: np.ndarray) -> list[Row]:
+        """The request's interest rows (service.serving.rows): the list's candidates give the
+        model's mass per explicit interest; each row is a search among its items."""
+        policy = query.shaping.rows
+        if policy.rows <= 0:
+            return []
+        fields = self.row_labels(query.shaping.row_fields)
+        if not fields:
+            return []
+        list_rows, list_scores, _ = merge_interest_results(scores, rows, scores.size)
+        return interest_rows(
+            history - 1, fields, list_rows, list_scores,
+            lambda pool, n: self.search_rows(interests, n, pool), policy, query.excluded,
+            query.allowed)
 
     def _popular_allowed(self, n: int, allowed: np.ndarray) -> np.ndarray:
         """The n most popular of the `allowed` rows (ascending), in popularity order: the

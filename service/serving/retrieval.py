@@ -72,6 +72,21 @@ def adapt_interests(interests: np.ndarray, support: np.ndarray, merge_cosine: fl
     return weight / weight.sum(), merged_into
 
 
+def copy_groups(interests: np.ndarray, support: np.ndarray, cosine: float) -> np.ndarray:
+    """Which interests are near-copies, for reporting what a list is made of (not a
+    re-ranking): interests taken by support, most first, each joining the first kept one within
+    `cosine`, else kept. Returns [K]: the kept interest each one is reported as (itself if
+    kept). Unlike `adapt_interests`, an interest without support is grouped too."""
+    k = len(interests)
+    unit = interests / np.maximum(np.linalg.norm(interests, axis=1, keepdims=True), 1e-12)
+    group = np.full(k, -1)
+    for i in np.argsort(-support, kind="stable"):
+        kept = np.flatnonzero(group == np.arange(k))
+        near = kept[unit[kept] @ unit[i] >= cosine] if len(kept) else kept
+        group[i] = int(near[0]) if len(near) else int(i)
+    return group
+
+
 def share_quotas(weights: np.ndarray, n: int) -> np.ndarray:
     """n list places split by weight (largest remainder): [K] ints summing to n."""
     exact = weights * n

@@ -118,12 +118,13 @@ async function load(chosen, click = null) {
   const seq = ++state.seq; // a slower, older answer must not overwrite a newer one
   const k = Math.max(1, Math.min(200, parseInt($("k").value, 10) || 20));
   const diversity = Math.max(0, Math.min(1, parseFloat($("diversity").value) || 0));
+  const rowCount = Math.max(0, Math.min(10, parseInt($("row-count").value, 10) || 0));
   setStatus(`loading ${user}\u2026`);
   try {
     const [history, rec] = await Promise.all([
       call("GET", historyPath(user)),
       call("POST", "recommend", { user_id: user, k, exclude_seen: $("exclude-seen").checked,
-                                  diversity }),
+                                  diversity, rows: rowCount }),
     ]);
     if (seq !== state.seq) return;
     state.user = user;
@@ -256,23 +257,40 @@ function renderRecommendations(rec, click) {
   $("groups").replaceChildren(...[...groups].map(([interest, entries]) => el(
     "section", { class: "group", "data-interest": interest === null ? "fallback" : String(interest) },
     el("h3", { text: interestLabel(interest, summaries.get(interest)) }),
-    el("ol", {}, ...entries.map(({ item, rank }) => el(
-      "li", {},
-      el("button", {
-        type: "button", class: click && !click.before.has(item.item_id) ? "item new" : "item",
-        "data-item-id": item.item_id, title: `record a click on ${item.item_id}`,
-        onclick: () => choose(item),
-      },
-      el("span", { class: "rank", text: `${rank + 1}.` }),
-      el("span", { class: "title", text: item.title || "(untitled)" }),
-      el("span", { class: "meta", text: `${item.item_id} \u00b7 ${item.score.toFixed(3)}` })),
-    ))),
+    el("ol", {}, ...entries.map(({ item, rank }) => el("li", {}, itemButton(item, rank, click)))),
   )));
+  renderRows(rec.rows || [], click);
 
   const last = [["model", `${rec.model_name} v${rec.model_version}`]];
   if (rec.variant !== undefined && rec.variant !== null) last.push(["variant", rec.variant]);
   if (rec.request_id) last.push(["request id", rec.request_id]);
   rows("last-answer", last);
+}
+
+function itemButton(item, rank, click) {
+  return el("button", {
+    type: "button", class: click && !click.before.has(item.item_id) ? "item new" : "item",
+    "data-item-id": item.item_id, title: `record a click on ${item.item_id}`,
+    onclick: () => choose(item),
+  },
+  el("span", { class: "rank", text: `${rank + 1}.` }),
+  el("span", { class: "title", text: item.title || "(untitled)" }),
+  el("span", { class: "meta", text: `${item.item_id} \u00b7 ${item.score.toFixed(3)}` }));
+}
+
+// Interest rows: one named explicit interest each, with the history items it stands for.
+function renderRows(rowList, click) {
+  $("rows-box").hidden = rowList.length === 0;
+  $("rows").replaceChildren(...rowList.map((r) => el(
+    "section", { class: "row", "data-interest": r.interest },
+    el("h3", {},
+      el("span", { class: "title", text: r.name }),
+      el("span", { class: "meta", text: `${r.source} \u00b7 ${percent(r.confidence)}` })),
+    el("p", { class: "because", text: "Because you watched " +
+      r.because.map((id, i) => r.because_titles[i] || id).slice(0, 4).join(", ") +
+      (r.because.length > 4 ? ` and ${r.because.length - 4} more` : "") }),
+    el("ol", {}, ...r.items.map((item, rank) => el("li", {}, itemButton(item, rank, click)))),
+  )));
 }
 
 function formatValue(value) {

@@ -160,6 +160,29 @@ def shown_groups(driver: Any) -> list[tuple[str, str, list[str]]]:
             for group in driver.find_elements("css selector", "#groups section.group")]
 
 
+def shown_rows(driver: Any) -> list[tuple[str, str, str, list[str]]]:
+    """(data-interest, name, because line, item ids) per interest row, in page order."""
+    return [(row.get_attribute("data-interest"),
+             row.find_element("css selector", "h3 .title").text,
+             row.find_element("css selector", ".because").text,
+             [b.get_attribute("data-item-id") for b in row.find_elements("css selector",
+                                                                         "button.item")])
+            for row in driver.find_elements("css selector", "#rows section.row")]
+
+
+def expected_rows(answer: dict[str, Any]) -> list[tuple[str, str, str, list[str]]]:
+    """The JSON answer's rows as the page shows them ("Because you watched" the first four
+    history items, by title)."""
+    out = []
+    for row in answer["rows"]:
+        named = [t or i for i, t in zip(row["because"], row["because_titles"], strict=True)]
+        because = "Because you watched " + ", ".join(named[:4]) + (
+            f" and {len(named) - 4} more" if len(named) > 4 else "")
+        out.append((row["interest"], row["name"], because,
+                    [i["item_id"] for i in row["items"]]))
+    return out
+
+
 def term(driver: Any, panel: str, name: str) -> str:
     return driver.find_element("css selector", f'#{panel} dd[data-term="{name}"]').text
 
@@ -184,7 +207,7 @@ def load_user(driver: Any, user: str) -> None:
 
 def click_item(driver: Any, item_id: str) -> None:
     before = loaded_marker(driver)
-    driver.find_element("css selector", f'#groups button.item[data-item-id="{item_id}"]').click()
+    driver.find_element("css selector", f'button.item[data-item-id="{item_id}"]').click()
     wait_reload(driver, before, f"the page to reload after clicking {item_id}")
 
 
@@ -241,7 +264,8 @@ def test_page_flow_in_headless_chromium(ui_models: tuple[Path, str], tmp_path: P
             chrome(chromium, chromedriver, tmp_path) as driver:
 
         def recommend(user: str, diversity: float = 0.0) -> dict[str, Any]:  # the page's
-            body = {"user_id": user, "k": 20, "exclude_seen": True, "diversity": diversity}
+            body = {"user_id": user, "k": 20, "exclude_seen": True, "diversity": diversity,
+                    "rows": 4}
             return api.post("/recommend", json=body).raise_for_status().json()
 
         def stored(user: str) -> list[str]:
@@ -294,8 +318,12 @@ def test_page_flow_in_headless_chromium(ui_models: tuple[Path, str], tmp_path: P
         assert [(g[0], g[2]) for g in shown_groups(driver)] == expected_groups(
             recommend("newcomer"))
 
-        # A user with a stored history (given through the JSON API, oldest first).
-        seed = [i["item_id"] for i in recommend("probe")["items"][1:7]]
+        # A user with a stored history of two tastes (given through the JSON API, oldest
+        # first): three items of each of two categories.
+        categories = json.loads((models_dir / "tiny" / "2" / "items.json").read_text())[
+            "fields"]["category"]
+        ids = json.loads((models_dir / "tiny" / "2" / "items.json").read_text())["item_ids"]
+        seed = [ids[r] for r in categories["topic-2"][:3] + categories["topic-7"][:3]]
         events = [{"user_id": "ui-user", "item_id": item, "timestamp": 1.7e9 + n,
                    "event_id": f"seed-{n}"} for n, item in enumerate(seed)]
         assert api.post("/events", json={"events": events}).json()["accepted"] == len(seed)
@@ -305,21 +333,25 @@ def test_page_flow_in_headless_chromium(ui_models: tuple[Path, str], tmp_path: P
         assert shown_history(driver) == [(t["item_id"], t["title"]) for t in reversed(titled)]
         assert not driver.find_element("id", "fallback").is_displayed()
 
-        # Recommendations grouped by interest, exactly the JSON API's answer.
+        # Recommendations grouped by interest, exactly the JSON API's answer (near-copy
+        # interests reported as one), and the rows: the user's two tastes, named.
         answer = recommend("ui-user")
         groups = shown_groups(driver)
         assert [(g[0], g[2]) for g in groups] == expected_groups(answer)
-        assert len(groups) >= 2  # several interests contribute
         for interest, heading, _ in groups:
             assert heading.startswith(f"Interest {int(interest) + 1}")
+        shown = shown_rows(driver)
+        assert shown == expected_rows(answer)
+        assert sorted(name for _, name, _, _ in shown) == ["topic-2", "topic-7"]
+        assert all(because.startswith("Because you watched item ") for _, _, because, _ in shown)
         summaries = driver.find_elements("css selector", "#interests li")
         assert len(summaries) == len(answer["interests"])
         assert term(driver, "last-answer", "model") == f"tiny v{answer['model_version']}"
         if "variant" in answer:  # the A/B fields: the user's variant and this answer's id
             assert term(driver, "last-answer", "variant") == answer["variant"]
 
-        # Click an item of the second group: the history grows by it, the list changes.
-        clicked = groups[1][2][0]
+        # Click an item of the second row: the history grows by it, the lists change.
+        clicked = shown[1][3][0]
         before = [i for _, _, ids in groups for i in ids]
         click_item(driver, clicked)
         assert stored("ui-user") == [*seed, clicked]
@@ -329,6 +361,8 @@ def test_page_flow_in_headless_chromium(ui_models: tuple[Path, str], tmp_path: P
         shown_after = [i for _, _, ids in after for i in ids]
         assert clicked not in shown_after and shown_after != before  # exclude_seen
         assert [(g[0], g[2]) for g in after] == expected_groups(recommend("ui-user"))
+        assert shown_rows(driver) == expected_rows(recommend("ui-user"))
+        assert clicked not in [i for _, _, _, ids in shown_rows(driver) for i in ids]
         assert "recorded a click on" in driver.find_element("id", "status").text
 
         # The diversity box goes into the request: the groups are the spread answer's.

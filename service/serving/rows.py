@@ -1,0 +1,178 @@
+"""Interest rows: the explicit interests a person sees, ranked by the behavioural model
+(docs/architecture.md, "Interest rows").
+
+An explicit interest is one value of an item field the bundle carries: a category, an ESIM
+label, a declared field such as brand. For one user:
+
+1. candidates: the values that at least `min_support` of the history's items hold; `because`
+   lists those history items, most recent first;
+2. each candidate's score: the model's predicted mass inside it, i.e. the share of
+   softmax(score) over the list's candidates (the merged per-interest top-n) that falls on
+   items holding the value, blended with the history's (recency-weighted) share of it;
+3. the best candidates become rows, at most `rows`, leaving out any whose score is below
+   `min_ratio` times the best one's: a user with one taste gets one row;
+4. each row holds the model's best items inside its value (the list's score: an item's best
+   inner product over the K interests), searched among exactly those items as a filter is;
+   no item is in two rows, and a row left empty (a filter, exclusions) gives its place to
+   the next candidate.
+
+Pure numpy over a search callable, so that the service (`Recommender.finish`) and the
+trainer's evaluation (`trainer/training/rows_eval.py`) run the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.serving.filters import in_sorted
+from service.serving.retrieval import merge_interest_results
+
+# (allowed rows ascending, n) -> (scores, rows) [K, <= n]: the K interests' best among them.
+SearchWithin = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class RowPolicy:
+    """How rows are chosen (decided on validation folds: docs/results.md, "Interest rows")."""
+
+    rows: int = 0  # at most this many rows; 0: none
+    size: int = 10  # items per row
+    min_support: int = 2  # history items a value needs to be a candidate
+    history_weight: float = 0.0  # 0: the model's mass alone; 1: the history's share alone
+    recency: float = 1.0  # a history item's weight is recency ** (its age in items)
+    min_ratio: float = 0.1  # a row's score is at least this share of the best row's
+
+
+@dataclass(frozen=True)
+class FieldLabels:
+    """One item field as rows use it: its values, the rows holding each (postings) and, per
+    item row, the values it holds (CSR: values[offsets[r]:offsets[r + 1]])."""
+
+    field: str
+    names: tuple[str, ...]
+    postings: tuple[np.ndarray, ...]
+    offsets: np.ndarray  # [N + 1]
+    values: np.ndarray  # value ids
+
+    @classmethod
+    def from_postings(cls, field: str, postings: Mapping[str, np.ndarray], item_count: int
+                      ) -> FieldLabels:
+        names = tuple(postings)
+        lists = tuple(np.asarray(postings[name], dtype=np.int64) for name in names)
+        rows = np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64)
+        ids = np.repeat(np.arange(len(lists), dtype=np.int64), [len(p) for p in lists])
+        order = np.argsort(rows, kind="stable")
+        offsets = np.zeros(item_count + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=item_count), out=offsets[1:])
+        return cls(field, names, lists, offsets, ids[order])
+
+    def holders(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in `rows`, value id) of every value the items `rows` hold."""
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        lengths = ends - starts
+        owner = np.repeat(np.arange(len(rows)), lengths)
+        at = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return owner, self.values[np.repeat(starts, lengths) + at]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An explicit interest a user's history holds, scored."""
+
+    field: str
+    value: int  # value id in its FieldLabels
+    name: str
+    score: float
+    because: tuple[int, ...]  # history rows holding it, most recent first
+
+
+@dataclass(frozen=True)
+class Row:
+    interest: Candidate
+    rows: tuple[int, ...]  # its items (0-based rows), best first
+    scores: tuple[float, ...]
+    heads: tuple[int, ...]  # the behavioural interest that scored each item best
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    if len(scores) == 0:
+        return scores.astype(np.float64)
+    shifted = np.exp(scores.astype(np.float64) - float(scores.max()))
+    return shifted / shifted.sum()
+
+
+def candidates(history: np.ndarray, fields: Sequence[FieldLabels], list_rows: np.ndarray,
+               list_scores: np.ndarray, policy: RowPolicy) -> list[Candidate]:
+    """The user's explicit interests, best first, cut by `min_ratio` (not by `rows`: a row a
+    filter empties gives its place to the next). `history`: rows, oldest first; `list_rows`,
+    `list_scores`: the merged list's candidates (distinct rows) and their scores."""
+    recent = history[::-1]
+    _, first = np.unique(recent, return_index=True)
+    recent = recent[np.sort(first)]  # distinct, most recent first
+    if not len(recent):
+        return []
+    need = min(policy.min_support, len(recent))
+    weight = policy.recency ** np.arange(len(recent), dtype=np.float64)
+    weight /= weight.sum()
+    mass = softmax(list_scores)
+    found: list[Candidate] = []
+    for labels in fields:
+        owner, values = labels.holders(recent)
+        support = np.bincount(values, minlength=len(labels.names))
+        history_share = np.bincount(values, weights=weight[owner], minlength=len(labels.names))
+        item_owner, item_values = labels.holders(list_rows)
+        model_share = np.bincount(item_values, weights=mass[item_owner],
+                                  minlength=len(labels.names))
+        score = (policy.history_weight * history_share
+                 + (1 - policy.history_weight) * model_share)
+        for value in np.flatnonzero(support >= need):
+            because = recent[owner[values == value]]
+            found.append(Candidate(labels.field, int(value), labels.names[value],
+                                   round(float(score[value]), 4),
+                                   tuple(int(r) for r in because)))
+    found.sort(key=lambda c: (-c.score, -len(c.because), c.field, c.name))
+    if found:
+        floor = policy.min_ratio * found[0].score
+        found = [c for c in found if c.score >= floor]
+    return found
+
+
+def fill_rows(found: Sequence[Candidate], fields: Mapping[str, FieldLabels],
+              search: SearchWithin, policy: RowPolicy, excluded: np.ndarray,
+              allowed: np.ndarray | None = None) -> list[Row]:
+    """Up to `policy.rows` rows of `policy.size` items, each the best inside its interest
+    among the `allowed` rows (None: all) less `excluded` and the earlier rows' items."""
+    out: list[Row] = []
+    taken = np.zeros(0, dtype=np.int64)
+    for candidate in found:
+        if len(out) == policy.rows:
+            break
+        pool = fields[candidate.field].postings[candidate.value]
+        if allowed is not None:
+            pool = pool[in_sorted(pool, allowed)]
+        drop = np.union1d(excluded, taken) if len(taken) else excluded
+        if len(drop):
+            pool = pool[~in_sorted(pool, drop)]
+        if not len(pool):
+            continue
+        scores, rows = search(pool, policy.size)
+        ids, best, heads = merge_interest_results(scores, rows, policy.size)
+        if not len(ids):
+            continue
+        taken = np.union1d(taken, ids)
+        out.append(Row(candidate, tuple(ids.tolist()), tuple(best.astype(float).tolist()),
+                       tuple(heads.tolist())))
+    return out
+
+
+def interest_rows(history: np.ndarray, fields: Sequence[FieldLabels], list_rows: np.ndarray,
+                  list_scores: np.ndarray, search: SearchWithin, policy: RowPolicy,
+                  excluded: np.ndarray, allowed: np.ndarray | None = None) -> list[Row]:
+    """`candidates` then `fill_rows`: one user's rows."""
+    if policy.rows <= 0:
+        return []
+    found = candidates(history, fields, list_rows, list_scores, policy)
+    return fill_rows(found, {f.field: f for f in fields}, search, policy, excluded, allowed)
