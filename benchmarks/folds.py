@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.training.rows_eval import ROW_MEASURES
+
 METRICS = ("recall@20", "recall@50", "ndcg@50")
 # Interest measures per user (trainer/training/interests.py), in per_user.json's "interests".
 DISTINCTNESS = ("interest_cosine", "effective_interests", "distinct_items@50", "head_overlap",
@@ -38,6 +40,11 @@ DISTINCTNESS = ("interest_cosine", "effective_interests", "distinct_items@50", "
 # Recall@50 on subsets of a user's targets (NaN where the user has none): outside and inside
 # the dominant model-free interest, and rarely seen items (at most 5 training interactions).
 TARGET_SUBSETS = ("minority_recall@50", "dominant_recall@50", "tail_recall@50")
+# Interest rows (trainer/training/rows_eval.py): the rows' union against the list at the same
+# size, and what the page shows (rows per user, two or more names, coherence, planted topics).
+ROWS = ROW_MEASURES
+ROWS_PAIRED = {"recall": ("rows_recall", "list_recall_at_rows"),
+               "minority_recall": ("rows_minority_recall", "list_minority_recall_at_rows")}
 DISPERSION = "history_dispersion"
 MOSTPOP = "mostpop"
 
@@ -89,7 +96,7 @@ def load(results: dict[str, list[Path]] | dict[str, list[list[Path]]]
                         values.setdefault(MOSTPOP, {}).setdefault(metric, [[]])[0].extend(
                             data["mostpop"][metric])
                 measures = {**data["model"], **data.get("interests", {})}
-                for metric in (*METRICS, *DISTINCTNESS, *TARGET_SUBSETS, DISPERSION):
+                for metric in (*METRICS, *DISTINCTNESS, *TARGET_SUBSETS, DISPERSION, *ROWS):
                     if metric not in measures:
                         continue
                     rows = values.setdefault(name, {}).setdefault(metric, [])
@@ -163,7 +170,7 @@ def interest_summary(arrays: dict[str, dict[str, np.ndarray]]) -> dict[str, dict
         tercile = np.digitize(flat, edges)
     out = {}
     for name, values in arrays.items():
-        row = {m: float(np.nanmean(values[m])) for m in (*DISTINCTNESS, *TARGET_SUBSETS)
+        row = {m: float(np.nanmean(values[m])) for m in (*DISTINCTNESS, *TARGET_SUBSETS, *ROWS)
                if m in values}
         if edges is not None:
             recall = np.atleast_2d(values["recall@50"])
@@ -171,6 +178,18 @@ def interest_summary(arrays: dict[str, dict[str, np.ndarray]]) -> dict[str, dict
                 row[f"recall@50_dispersion_{label}"] = float(recall[:, tercile == t].mean())
         if row:
             out[name] = row
+    return out
+
+
+def rows_vs_list(arrays: dict[str, dict[str, np.ndarray]], folds: np.ndarray) -> dict:
+    """Per variant whose runs measured rows: the rows' recall minus the list's at the same
+    per-user size, overall and on minority-interest targets, paired per user (and run)."""
+    out = {}
+    for name, values in arrays.items():
+        if all(a in values and b in values for a, b in ROWS_PAIRED.values()):
+            out[name] = compare({k: values[a] for k, (a, _) in ROWS_PAIRED.items()},
+                                {k: values[b] for k, (_, b) in ROWS_PAIRED.items()}, folds,
+                                tuple(ROWS_PAIRED))
     return out
 
 
@@ -230,6 +249,11 @@ def markdown(summary: dict) -> str:
                  for m, r in result.items()]
         if cells:
             lines.append(f"\n{pair}: " + "; ".join(cells))
+    for name, result in (summary.get("rows_vs_list") or {}).items():
+        cells = [f"{m} {r['mean_difference']:+.4f} [{r['interval_95'][0]:+.4f}, "
+                 f"{r['interval_95'][1]:+.4f}] {r['wins']}/{r['folds']}"
+                 for m, r in result.items()]
+        lines.append(f"\n{name}, rows minus the list at the same size: " + "; ".join(cells))
     lines += ["", "| variant | train s (min-max) | steps | s/step | best step | after best | "
               "load 1m |", "|---|---|---|---|---|---|---|"]
     for name, t in summary["train_time"].items():
@@ -290,6 +314,7 @@ def main() -> None:
         "interests": interest_summary(arrays),
         "minority_pairs": {f"{a} vs {b}": compare(arrays[a], arrays[b], folds, TARGET_SUBSETS)
                            for a, b in itertools.combinations(arrays, 2)},
+        "rows_vs_list": rows_vs_list(arrays, folds),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -27,7 +27,7 @@ from service.observability import Metrics, configure_logging, mark_worker_dead, 
 from service.schemas import is_request_id
 from service.serving.batching import Batcher
 from service.serving.recommender import Shaping
-from service.serving.rows import RowPolicy
+from service.serving.row_policy import RowPolicy
 from service.serving.variants import build_variants
 from service.settings import Settings, get_settings
 from service.store.availability import (
@@ -289,7 +289,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             copy_cosine=settings.interest_merge_cosine,
             rows=RowPolicy(size=settings.row_size, min_support=settings.row_min_support,
                            history_weight=settings.row_history_weight,
-                           min_ratio=settings.row_min_ratio),
+                           min_ratio=settings.row_min_ratio, min_size=settings.row_min_size),
             row_fields=tuple(f.strip() for f in settings.row_fields.split(",") if f.strip())))
 
     @contextlib.asynccontextmanager

@@ -19,7 +19,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.ab.spec import check_experiment, parse_variants
 from service.bundle.format import DEFAULT_MODEL_NAME
+from service.serving.row_policy import RowPolicy
 from service.store.keys import EVENT_STREAM, KeyLayout
+
+ROWS = RowPolicy()  # interest rows' defaults
 
 
 class StoreSettings(BaseSettings):
@@ -117,20 +120,24 @@ class Settings(StoreSettings):
                                          "interests count as one: reported as one in the "
                                          "answer's `interests` (the list unchanged); with "
                                          "adaptive interests also merged in the list")
-    # Interest rows (`rows` in POST /recommend; service/serving/rows.py), chosen as measured
-    # in docs/results.md, "Interest rows".
-    row_size: int = Field(10, ge=1, le=100, description="items per interest row when a "
+    # Interest rows (`rows` in POST /recommend; service/serving/rows.py): the defaults are
+    # RowPolicy's, chosen as measured in docs/results.md, "Interest rows".
+    row_size: int = Field(ROWS.size, ge=1, le=100, description="items per interest row when a "
                           "request gives no `row_size`")
     row_fields: str = Field("category", description="item fields interest rows come from, "
                             "comma-separated (e.g. `esim_label,category`); a field the bundle "
                             "lacks is skipped")
-    row_min_support: int = Field(2, ge=1, description="history items an interest needs to "
-                                 "become a row")
-    row_history_weight: float = Field(0.0, ge=0, le=1, description="rows are chosen by the "
-                                      "model's predicted mass in each interest (0) or the "
-                                      "history's share of it (1), or a blend")
-    row_min_ratio: float = Field(0.1, ge=0, le=1, description="a row's score is at least this "
-                                 "share of the user's best row's (so one taste gives one row)")
+    row_min_support: int = Field(ROWS.min_support, ge=1, description="history items an "
+                                 "interest needs to become a row")
+    row_history_weight: float = Field(ROWS.history_weight, ge=0, le=1, description="rows are "
+                                      "ranked by the model's predicted mass in each interest "
+                                      "(0) or the history's share of it (1), or a blend")
+    row_min_ratio: float = Field(ROWS.min_ratio, ge=0, le=1, description="a row's score is at "
+                                 "least this share of the user's best row's (so one taste "
+                                 "gives one row)")
+    row_min_size: int | None = Field(ROWS.min_size, ge=1, description="the rows share `rows x "
+                                     "row_size` items by their scores, at least this many each; "
+                                     "unset: `row_size` each")
     min_name_confidence: float | None = Field(None, ge=-1, le=1, description="name an interest "
                                               "only at this confidence; unset: the bundle's "
                                               "calibrated threshold")

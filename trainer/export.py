@@ -29,6 +29,7 @@ from service.bundle.format import (
     POPULARITY,
     YEAR_FIELD,
     publish,
+    split_values,
     write_items,
 )
 from service.bundle.naming_files import NamingTables, write_naming
@@ -274,11 +275,6 @@ def append_items(model: MultiInterestEncoder, rows: np.ndarray) -> None:
     model.item_embedding = torch.nn.Embedding.from_pretrained(table, freeze=False,
                                                               padding_idx=0)
     model.n_items += len(rows)
-
-
-def split_values(joined: str) -> list[str]:
-    """'a|b' -> ['a', 'b'] (blank parts dropped)."""
-    return [part.strip() for part in str(joined).split("|") if part.strip()]
 
 
 def item_field_values(categories: list[str], years: list[float],

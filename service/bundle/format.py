@@ -249,6 +249,12 @@ CATEGORY_FIELD, YEAR_FIELD = "category", "year"
 ITEM_FIELDS = (CATEGORY_FIELD, YEAR_FIELD)
 
 FieldPostings = dict[str, dict[str, list[int]]]  # field -> value -> rows (ascending)
+VALUE_SEPARATOR = "|"  # an item's several values of one field in an items file: "a|b"
+
+
+def split_values(joined: str) -> list[str]:
+    """'a|b' -> ['a', 'b'] (blank parts dropped): an item's values of a field."""
+    return [part.strip() for part in str(joined).split(VALUE_SEPARATOR) if part.strip()]
 
 
 def field_postings(values_per_item: dict[str, list[list[str]]]) -> FieldPostings:

@@ -28,7 +28,8 @@ from service.serving.retrieval import (
     merge_diverse,
     merge_interest_results,
 )
-from service.serving.rows import FieldLabels, Row, RowPolicy, interest_rows
+from service.serving.row_policy import RowPolicy
+from service.serving.rows import FieldLabels, Row, interest_rows
 from service.store.availability import EMPTY as NO_UNAVAILABLE
 from service.store.availability import Snapshot
 

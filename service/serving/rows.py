@@ -28,22 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.serving.filters import in_sorted
-from service.serving.retrieval import merge_interest_results
+from service.serving.retrieval import merge_interest_results, share_quotas
+from service.serving.row_policy import RowPolicy
 
 # (allowed rows ascending, n) -> (scores, rows) [K, <= n]: the K interests' best among them.
 SearchWithin = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class RowPolicy:
-    """How rows are chosen (decided on validation folds: docs/results.md, "Interest rows")."""
-
-    rows: int = 0  # at most this many rows; 0: none
-    size: int = 10  # items per row
-    min_support: int = 2  # history items a value needs to be a candidate
-    history_weight: float = 0.0  # 0: the model's mass alone; 1: the history's share alone
-    recency: float = 1.0  # a history item's weight is recency ** (its age in items)
-    min_ratio: float = 0.1  # a row's score is at least this share of the best row's
 
 
 @dataclass(frozen=True)
@@ -140,26 +129,46 @@ def candidates(history: np.ndarray, fields: Sequence[FieldLabels], list_rows: np
     return found
 
 
+def row_sizes(found: Sequence[Candidate], policy: RowPolicy) -> list[int]:
+    """Items per row: `size` each, or (min_size set) the rows' len x size items shared by
+    their scores, at least min_size each (largest remainder)."""
+    if policy.min_size is None or not found:
+        return [policy.size] * len(found)
+    floor = min(policy.min_size, policy.size)
+    spare = (policy.size - floor) * len(found)
+    weights = np.asarray([max(c.score, 0.0) for c in found], dtype=np.float64)
+    weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(found),
+                                                                        1 / len(found))
+    return (share_quotas(weights, spare) + floor).tolist()
+
+
 def fill_rows(found: Sequence[Candidate], fields: Mapping[str, FieldLabels],
               search: SearchWithin, policy: RowPolicy, excluded: np.ndarray,
               allowed: np.ndarray | None = None) -> list[Row]:
-    """Up to `policy.rows` rows of `policy.size` items, each the best inside its interest
-    among the `allowed` rows (None: all) less `excluded` and the earlier rows' items."""
-    out: list[Row] = []
-    taken = np.zeros(0, dtype=np.int64)
+    """Up to `policy.rows` rows (`row_sizes` items each), each the best inside its interest
+    among the `allowed` rows (None: all) less `excluded` and the earlier rows' items. An
+    interest with nothing left to show gives its place to the next."""
+    pools = []
     for candidate in found:
-        if len(out) == policy.rows:
+        if len(pools) == policy.rows:
             break
         pool = fields[candidate.field].postings[candidate.value]
         if allowed is not None:
             pool = pool[in_sorted(pool, allowed)]
-        drop = np.union1d(excluded, taken) if len(taken) else excluded
-        if len(drop):
-            pool = pool[~in_sorted(pool, drop)]
+        if len(excluded):
+            pool = pool[~in_sorted(pool, excluded)]
+        if len(pool):
+            pools.append((candidate, pool))
+    out: list[Row] = []
+    taken = np.zeros(0, dtype=np.int64)
+    for (candidate, pool), size in zip(pools, row_sizes([c for c, _ in pools], policy),
+                                       strict=True):
+        if len(taken):
+            pool = pool[~in_sorted(pool, taken)]
         if not len(pool):
             continue
-        scores, rows = search(pool, policy.size)
-        ids, best, heads = merge_interest_results(scores, rows, policy.size)
+        scores, rows = search(pool, size)
+        ids, best, heads = merge_interest_results(scores, rows, size)
         if not len(ids):
             continue
         taken = np.union1d(taken, ids)

@@ -56,6 +56,7 @@ from trainer.training.interests import (
 )
 from trainer.training.loop import evaluate_model, model_search, train
 from trainer.training.metrics import CUTOFFS, per_user_metrics, tail_recall
+from trainer.training.rows_eval import ROW_MEASURES, row_measures
 
 log = logging.getLogger("trainer")
 
@@ -169,7 +170,11 @@ def train_run(cfg: TrainConfig, spec: dict[str, Any], *, run_dir: Path | None = 
     save_checkpoint(run_dir / "checkpoint.pt", cfg, spec, dataset, result.model, result.naming)
     (run_dir / "curve.json").write_text(json.dumps(result.curve, indent=1))
     per_user = write_per_user(run_dir / "per_user.json", dataset, test, result.model)
-    report["distinctness"] = mean_measures(per_user["interests"])
+    measures = per_user["interests"]
+    report["distinctness"] = mean_measures({name: values for name, values in measures.items()
+                                            if name not in ROW_MEASURES})
+    report["rows"] = mean_measures({name: values for name, values in measures.items()
+                                    if name in ROW_MEASURES})
     # Recall on rarely seen targets (issue 23's sparse regimes); NaN-free mean over the users
     # that have one.
     report["tail"] = {name: mean_measures({"tail_recall@50": per_user[name]["tail_recall@50"]})
@@ -221,6 +226,7 @@ def interest_measures(dataset: SequenceDataset, split: EvalSplit, model: MultiIn
     `search`: the model's item search; `ranked`: the users' merged top lists."""
     with torch.no_grad():
         encoded = model.encode(torch.from_numpy(split.histories))
+        items = model.item_vectors().numpy()
     interests = encoded.interests.numpy()
     scores, rows = search_interests(interests, search, DISTINCT_AT)
     measures = per_user_distinctness(interests, scores, rows, encoded.weights.numpy())
@@ -228,6 +234,8 @@ def interest_measures(dataset: SequenceDataset, split: EvalSplit, model: MultiIn
     labels = item_clusters(dataset.flat, dataset.offsets, dataset.train_users, dataset.n_items)
     if labels is not None:
         measures |= minority_recall(ranked, split.histories, split.targets, labels)
+    # The interest rows a person would see (trainer/training/rows_eval.py).
+    measures |= row_measures(dataset, split, interests, items, labels)
     return measures
 
 

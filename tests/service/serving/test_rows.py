@@ -1,12 +1,21 @@
 """Interest rows (service/serving/rows.py): which explicit interests a user gets, and what
 fills them."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from service.serving.filters import exact_search
 from service.serving.retrieval import copy_groups
-from service.serving.rows import FieldLabels, RowPolicy, candidates, fill_rows, interest_rows
+from service.serving.rows import (
+    FieldLabels,
+    RowPolicy,
+    candidates,
+    fill_rows,
+    interest_rows,
+    row_sizes,
+)
 
 # 12 items: "a" holds 0-3, "b" 4-7, "c" 8-11; items 3 and 4 hold "ab" as well (multi-valued).
 POSTINGS = {"a": np.array([0, 1, 2, 3]), "b": np.array([4, 5, 6, 7]),
@@ -53,7 +62,7 @@ def test_min_support_and_min_ratio_decide_which_interests_count(labels):
     # The model puts almost all its mass on "a": "c" falls under min_ratio.
     peaked = np.where(np.isin(list_rows, POSTINGS["a"]), 10.0, 0.0)
     found = candidates(history, [labels], list_rows, peaked,
-                       RowPolicy(rows=4, min_support=1, min_ratio=0.1))
+                       RowPolicy(rows=4, min_support=1, min_ratio=0.1, history_weight=0.0))
     assert [c.name for c in found] == ["a"]
     assert found[0].score == pytest.approx(4 * np.exp(10) / (4 * np.exp(10) + 8), abs=1e-4)
 
@@ -63,7 +72,7 @@ def test_history_weight_ranks_by_the_history_instead_of_the_model(labels):
     list_rows = np.arange(12)
     towards_c = np.where(np.isin(list_rows, POSTINGS["c"]), 5.0, 0.0)
     by_model = candidates(history, [labels], list_rows, towards_c,
-                          RowPolicy(rows=2, min_ratio=0.0))
+                          RowPolicy(rows=2, min_ratio=0.0, history_weight=0.0))
     by_history = candidates(history, [labels], list_rows, towards_c,
                             RowPolicy(rows=2, history_weight=1.0, min_ratio=0.0))
     assert [c.name for c in by_model] == ["c", "a"]
@@ -76,7 +85,7 @@ def test_rows_hold_the_best_items_inside_their_interest_and_never_repeat(labels,
     history = np.array([0, 1, 4, 5, 3])
     list_rows = np.arange(12)
     list_scores = (interests @ vectors.T).max(axis=0)
-    policy = RowPolicy(rows=3, size=3, min_support=2, min_ratio=0.0)
+    policy = RowPolicy(rows=3, size=3, min_support=2, min_ratio=0.0, min_size=None)
     rows = interest_rows(history, [labels], list_rows, list_scores,
                          search_for(interests, vectors), policy, np.zeros(0, np.int64))
     assert 2 <= len(rows) <= 3
@@ -109,6 +118,19 @@ def test_exclusions_and_filters_apply_and_an_emptied_row_gives_way(labels, vecto
     assert sorted(r.interest.name for r in rows) == ["b", "c"]
     every = [item for r in rows for item in r.rows]
     assert 9 not in every and all(item >= 4 for item in every)
+
+
+def test_rows_share_their_items_by_score_above_a_floor(labels, vectors):
+    interests = np.random.default_rng(3).normal(size=(2, 8)).astype(np.float32)
+    found = candidates(np.array([0, 1, 4, 5, 8, 9]), [labels], np.arange(12), np.zeros(12),
+                       RowPolicy(rows=3, min_ratio=0.0))
+    scored = [replace(c, score=s) for c, s in zip(found, (0.6, 0.3, 0.1), strict=True)]
+    assert row_sizes(scored, RowPolicy(size=4, min_size=None)) == [4, 4, 4]
+    # 12 items: 1 each, the other 9 by 0.6 / 0.3 / 0.1 (largest remainder)
+    assert row_sizes(scored, RowPolicy(size=4, min_size=1)) == [6, 4, 2]
+    rows = fill_rows(scored, {"category": labels}, search_for(interests, vectors),
+                     RowPolicy(rows=3, size=4, min_size=1), np.zeros(0, np.int64))
+    assert [len(r.rows) for r in rows] == [4, 4, 2]  # a value holds 4 items at most
 
 
 def test_no_rows_asked_or_no_history_gives_none(labels, vectors):
