@@ -152,7 +152,8 @@ class PssSampler:
 
 
 async def httpx_load(url: str, users: int, k: int, concurrency: int, seconds: float,
-                     filters: list[str] | None = None) -> dict[str, Any]:
+                     filters: list[str] | None = None, extra: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -162,7 +163,7 @@ async def httpx_load(url: str, users: int, k: int, concurrency: int, seconds: fl
         async def worker(seed: int) -> None:
             rng = random.Random(seed)
             while time.monotonic() < stop:
-                body = {"user_id": f"user{rng.randrange(users)}", "k": k}
+                body = {"user_id": f"user{rng.randrange(users)}", "k": k, **(extra or {})}
                 if filters:
                     body["filter"] = json.loads(rng.choice(filters))
                 started = time.perf_counter()
@@ -191,10 +192,11 @@ function init(args) statuses = {} end
 request = function()
   local body
   if #FILTERS > 0 then
-    body = string.format('{"user_id": "user%d", "k": %d, "filter": %s}',
-                         math.random(0, USERS - 1), K, FILTERS[math.random(1, #FILTERS)])
+    body = string.format('{"user_id": "user%d", "k": %d%s, "filter": %s}',
+                         math.random(0, USERS - 1), K, EXTRA, FILTERS[math.random(1, #FILTERS)])
   else
-    body = string.format('{"user_id": "user%d", "k": %d}', math.random(0, USERS - 1), K)
+    body = string.format('{"user_id": "user%d", "k": %d%s}', math.random(0, USERS - 1), K,
+                         EXTRA)
   end
   return wrk.format(nil, nil, nil, body)
 end
@@ -214,11 +216,16 @@ def lua_string(text: str) -> str:
 
 
 def wrk_load(url: str, users: int, k: int, concurrency: int, seconds: float,
-             filters: list[str] | None = None) -> dict[str, Any]:
-    """The load from wrk (C, one thread): client overhead far below the server's."""
+             filters: list[str] | None = None, extra: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """The load from wrk (C, one thread): client overhead far below the server's. `extra`:
+    more fields of every request body (e.g. {"rows": 4})."""
     script = Path(tempfile.mkdtemp()) / "post.lua"
     table = ", ".join(lua_string(f) for f in filters or [])
-    script.write_text(f"USERS = {users}\nK = {k}\nFILTERS = {{{table}}}\n" + WRK_SCRIPT)
+    fields = "".join(f", {json.dumps(key)}: {json.dumps(value)}"
+                     for key, value in (extra or {}).items())
+    script.write_text(f"USERS = {users}\nK = {k}\nFILTERS = {{{table}}}\n"
+                      f"EXTRA = {lua_string(fields)}\n" + WRK_SCRIPT)
     out = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
          "--latency", "-s", str(script), url + "/recommend"],
@@ -393,6 +400,24 @@ def run_bundle(path: Path, args: argparse.Namespace, redis_url: str,
             print(f"{bundle_dir} c={c}: {level['rps']} req/s, p50 {level['p50_ms']} ms, "
                   f"p99 {level['p99_ms']} ms, errors {level['errors_by_kind'] or 0}, "
                   f"load {load_start[0]} -> {loadavg()[0]}", file=sys.stderr)
+            # The same level with interest rows in every answer, right after the list alone
+            # (their ratio is what --rows measures).
+            for rows in args.rows:
+                load_start = loadavg()
+                with PssSampler(service.pid) as pss:
+                    level = generate(url, args.users, args.k, c, args.seconds, None,
+                                     {"rows": rows})
+                peak = max(peak, pss.peak)
+                out[f"http_c{c}_rows{rows}"] = {
+                    "concurrency": c, "rows": rows, **level, "loadavg_start": load_start,
+                    "loadavg_end": loadavg(), "pss_mb_peak": pss.peak,
+                    "p50_over_floor_p50": round(level["p50_ms"] / out["floor"]["p50_ms"], 2),
+                    "p50_over_list_p50": round(level["p50_ms"] / out[f"http_c{c}"]["p50_ms"],
+                                               2)}
+                print(f"{bundle_dir} c={c} rows {rows}: {level['rps']} req/s, p50 "
+                      f"{level['p50_ms']} ms (x{out[f'http_c{c}_rows{rows}']['p50_over_list_p50']}"
+                      f" the list alone), p99 {level['p99_ms']} ms, errors "
+                      f"{level['errors_by_kind'] or 0}", file=sys.stderr)
             # The same level with a category filter per request, right after the unfiltered
             # one (their ratio is what --filter-share measures).
             for share, (filters, allowed) in filter_sets.items():
@@ -434,7 +459,8 @@ def print_table(result: dict[str, Any]) -> None:
           "start-end", file=sys.stderr)
     for key, level in result.items():
         if key.startswith("http_c") and isinstance(level, dict):
-            share = f"{level['filter_share']:g}" if "filter_share" in level else "-"
+            share = (f"{level['filter_share']:g}" if "filter_share" in level
+                     else f"rows {level['rows']}" if "rows" in level else "-")
             print(f"{level['concurrency']:4d} {share:>7} {level['rps']:10.1f} "
                   f"{level['p50_ms']:9.2f} "
                   f"{level['p99_ms']:9.2f} {level['p50_over_floor_p50']:10.2f} "
@@ -452,19 +478,21 @@ def markdown(out: dict[str, Any]) -> str:
                   f"{f['search_params']}, FAISS threads {f['faiss_threads']}): floor p50 "
                   f"{f['p50_ms']} ms ({f['rps']:,.0f} requests/s on one thread); PSS ready "
                   f"{result['pss_mb_ready']} MB, peak {result['pss_mb_peak']} MB", "",
-                  "| c | filter (allows) | req/s (x floor rate) | p50 ms (x floor) | p99 ms | "
-                  "p50 / unfiltered | errors | load avg (1 min) |",
+                  "| c | filter (allows) or rows | req/s (x floor rate) | p50 ms (x floor) | "
+                  "p99 ms | p50 / list alone | errors | load avg (1 min) |",
                   "|---|---|---|---|---|---|---|---|"]
         for key, level in result.items():
             if not (key.startswith("http_c") and isinstance(level, dict)):
                 continue
             share = (f"{level['filter_share']:g} ({level['allowed_share']:.2%})"
-                     if "filter_share" in level else "-")
+                     if "filter_share" in level else f"rows {level['rows']}" if "rows" in level
+                     else "-")
             lines.append(
                 f"| {level['concurrency']} | {share} | {level['rps']:,.0f} "
                 f"({level['rps'] / f['rps']:.2f}x) | {level['p50_ms']} "
                 f"({level['p50_over_floor_p50']}x) | {level['p99_ms']} | "
-                f"{level.get('p50_over_unfiltered_p50', '-')} | {level['errors']} | "
+                f"{level.get('p50_over_unfiltered_p50', level.get('p50_over_list_p50', '-'))} | "
+                f"{level['errors']} | "
                 f"{level['loadavg_start'][0]}-{level['loadavg_end'][0]} |")
     return "\n".join(lines) + "\n"
 
@@ -495,6 +523,9 @@ def main() -> None:
     parser.add_argument("--filter-share", type=float, nargs="*", default=[],
                         help="also run each level with a category filter allowing about this "
                              "share of the items (e.g. 0.1 0.01)")
+    parser.add_argument("--rows", type=int, nargs="*", default=[],
+                        help="also run each level with `rows: N` in every request (interest "
+                             "rows beside the list), e.g. --rows 4")
     parser.add_argument("--httpx", action="store_true", help="use the httpx client, not wrk")
     parser.add_argument("--out", type=Path, help="also write the JSON here (and its tables "
                                                  "as markdown beside it, .md)")
