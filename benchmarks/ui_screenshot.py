@@ -60,6 +60,8 @@ def main() -> None:
                         help="a history item's exact title, oldest first (repeat)")
     parser.add_argument("--diversity", type=float, default=0.0,
                         help="the request's diversity setting (the page's box)")
+    parser.add_argument("--rows", type=int, default=4,
+                        help="interest rows beside the list (the page's box)")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--chromedriver", default="/usr/bin/chromedriver")
@@ -84,17 +86,17 @@ def main() -> None:
         api.post("/events", json={"events": events}).raise_for_status()
         answer = api.post("/recommend", json={
             "user_id": USER, "k": 20, "exclude_seen": True, "diversity": args.diversity,
-        }).raise_for_status().json()
+            "rows": args.rows}).raise_for_status().json()
 
         options = webdriver.ChromeOptions()
         options.binary_location = args.chromium
         for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                    "--disable-gpu", "--window-size=1440,1600",
+                    "--disable-gpu", "--window-size=1440,2300",
                     f"--user-data-dir={Path(tmp) / 'chrome-profile'}"):
             options.add_argument(arg)
         driver = webdriver.Chrome(service=Service(args.chromedriver), options=options)
         try:
-            driver.get(f"{base}/ui?user={USER}&diversity={args.diversity}")
+            driver.get(f"{base}/ui?user={USER}&diversity={args.diversity}&rows={args.rows}")
             deadline = time.monotonic() + 30
             while not driver.find_elements("css selector", "#groups section.group"):
                 if time.monotonic() > deadline:
@@ -112,7 +114,13 @@ def main() -> None:
     print(json.dumps({"model_version": version, "history": args.title,
                       "diversity": args.diversity, "screenshot":
                       str(args.out), "groups": groups,
-                      "interests": answer.get("interests")}, indent=1))
+                      "interests": answer.get("interests"),
+                      "rows": [{"name": r["name"], "source": r["source"],
+                                "confidence": r["confidence"],
+                                "because": [titles.get(i, i) for i in r["because"]],
+                                "items": [titles.get(i["item_id"], i["item_id"])
+                                          for i in r["items"]]}
+                               for r in answer.get("rows", [])]}, indent=1))
 
 
 if __name__ == "__main__":

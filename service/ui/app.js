@@ -380,6 +380,7 @@ function start() {
   const params = new URLSearchParams(location.search);
   const user = params.get("user");
   if (params.has("diversity")) $("diversity").value = params.get("diversity");
+  if (params.has("rows")) $("row-count").value = params.get("rows");
   loadModel();
   loadAbReport();
   if (user) {
