@@ -23,6 +23,7 @@ from service.bundle.format import (
     ENCODER,
     ENCODER_INPUT,
     ENCODER_OUTPUT,
+    ESIM_LABEL_FIELD,
     INDEX,
     ITEM_EMBEDDINGS,
     ITEMS,
@@ -290,6 +291,14 @@ def item_field_values(categories: list[str], years: list[float],
     }
 
 
+def esim_label_values(naming: NamingTables, items: int) -> list[list[str]]:
+    """Each bundle row's ESIM labels (row r: internal id r + 1; text-only rows have none)."""
+    values: list[list[str]] = [[] for _ in range(items)]
+    for item, rows in naming.item_labels.items():
+        values[item - 1] = [naming.names[r] for r in rows]
+    return values
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -363,8 +372,11 @@ def publish_bundle(
         faiss.write_index(index, str(staging / INDEX))
         np.save(staging / ITEM_EMBEDDINGS, vectors)
         np.save(staging / POPULARITY, popularity)
-        write_items(staging / ITEMS, item_ids, titles, text_only_rows,
-                    item_field_values(categories, years, declared))
+        fields = item_field_values(categories, years, declared)
+        if naming is not None and naming.item_labels:
+            fields[ESIM_LABEL_FIELD] = esim_label_values(naming, len(item_ids))
+            manifest["extra"]["esim_labelled_items"] = len(naming.item_labels)
+        write_items(staging / ITEMS, item_ids, titles, text_only_rows, fields)
         if naming is not None:
             write_naming(staging, naming)
         manifest["extra"].update(parity_max_abs_diff=parity, export_seconds=export_seconds)

@@ -247,6 +247,9 @@ def verify_files(path: Path, manifest: Manifest) -> None:
 # declared fields (the trainer's --item-fields, e.g. brand) are carried beside them.
 CATEGORY_FIELD, YEAR_FIELD = "category", "year"
 ITEM_FIELDS = (CATEGORY_FIELD, YEAR_FIELD)
+# A bundle trained with ESIM also carries each item's ESIM labels (the interest vocabulary's
+# names of the semantic interests its supervision put the item in; most items have none).
+ESIM_LABEL_FIELD = "esim_label"
 
 FieldPostings = dict[str, dict[str, list[int]]]  # field -> value -> rows (ascending)
 VALUE_SEPARATOR = "|"  # an item's several values of one field in an items file: "a|b"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,9 @@ class NamingTables:
     bias: np.ndarray  # [384]
     min_confidence: float
     calibration: dict[str, Any]
+    # Training only (the bundle carries them as the item field ESIM_LABEL_FIELD): internal item
+    # id -> the vocabulary rows of the semantic interests ESIM's supervision put it in.
+    item_labels: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 def _load_npy(file: Path, shape: tuple[int, ...], dtype: type, mmap: bool = False

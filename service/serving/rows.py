@@ -123,6 +123,12 @@ def candidates(history: np.ndarray, fields: Sequence[FieldLabels], list_rows: np
                                    round(float(score[value]), 4),
                                    tuple(int(r) for r in because)))
     found.sort(key=lambda c: (-c.score, -len(c.because), c.field, c.name))
+    # One name, one row: where two fields hold the same name (ESIM's "Action" and the
+    # category Action), the better-scored stands for both.
+    named: dict[str, Candidate] = {}
+    for candidate in found:
+        named.setdefault(candidate.name.casefold(), candidate)
+    found = list(named.values())
     if found:
         floor = policy.min_ratio * found[0].score
         found = [c for c in found if c.score >= floor]

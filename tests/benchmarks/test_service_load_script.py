@@ -24,8 +24,8 @@ def test_service_load_reports_plain_and_filtered_levels(tiny_bundle, tmp_path, c
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "service_load.py"), "--bundle", str(tiny_bundle),
          "--users", "20", "--history", "5", "--k", "5", "--seconds", "1", "--floor-seconds",
-         "0.5", "--warmup-seconds", "0.3", "--concurrency", "2", "--filter-share", "0.2", "--rows", "3",
-         "--out", str(out), *(["--httpx"] if client == "httpx" else [])],
+         "0.5", "--warmup-seconds", "0.3", "--concurrency", "2", "--filter-share", "0.2",
+         "--rows", "3",         "--out", str(out), *(["--httpx"] if client == "httpx" else [])],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -10,6 +10,8 @@ Per user:
 * rows per user, and whether the user has two or more differently named rows;
 * coherence: the share of a row's items inside its interest (1.0 by construction for rows
   filled by a search inside the interest; measured, so that another filling would show);
+* with ESIM's item labels (a model trained with ESIM): how many rows are ESIM labels (the
+  report adds the share of catalogue items they cover);
 * on data with planted topics (one category per item, the synthetic generator's), how many
   of the rows' interests are among the user's planted topics (the categories of the whole
   sequence) and how many planted topics the user has.
@@ -21,7 +23,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.bundle.format import CATEGORY_FIELD, field_postings, split_values
+from service.bundle.format import (
+    CATEGORY_FIELD,
+    ESIM_LABEL_FIELD,
+    field_postings,
+    split_values,
+)
+from service.bundle.naming_files import NamingTables
 from service.serving.filters import exact_search
 from service.serving.retrieval import merge_interest_results
 from service.serving.row_policy import RowPolicy
@@ -33,7 +41,7 @@ from trainer.training.interests import dominant_cluster
 MEASURED_ROWS = RowPolicy(rows=4)
 # What row_measures reports per user (per_user.json "interests"; the report's "rows").
 ROW_MEASURES = ("rows_recall", "list_recall_at_rows", "rows_minority_recall",
-                "list_minority_recall_at_rows", "rows_per_user", "two_named_rows",
+                "list_minority_recall_at_rows", "rows_per_user", "esim_rows", "two_named_rows",
                 "rows_coherence", "rows_items", "rows_planted", "planted_topics")
 # Candidates per interest that give the model's mass per explicit interest: the service's
 # default PER_INTEREST_FANOUT.
@@ -47,6 +55,19 @@ def item_labels(dataset: SequenceDataset, field: str = CATEGORY_FIELD) -> FieldL
     return FieldLabels.from_postings(
         field, {name: np.asarray(rows, dtype=np.int64) for name, rows in postings.items()},
         dataset.n_items)
+
+
+def esim_labels(naming: NamingTables | None, n_items: int) -> FieldLabels | None:
+    """ESIM's item labels (the bundle's ESIM_LABEL_FIELD) as rows use them; None without."""
+    if naming is None or not naming.item_labels:
+        return None
+    postings: dict[str, list[int]] = {}
+    for item, rows in naming.item_labels.items():
+        for row in rows:
+            postings.setdefault(naming.names[row], []).append(item - 1)
+    return FieldLabels.from_postings(
+        ESIM_LABEL_FIELD, {name: np.asarray(sorted(r), dtype=np.int64)
+                           for name, r in postings.items()}, n_items)
 
 
 def planted_topics(dataset: SequenceDataset, split: EvalSplit, labels: FieldLabels
@@ -70,7 +91,8 @@ def row_measures(dataset: SequenceDataset, split: EvalSplit, interests: np.ndarr
     (the model's, for split.histories), `item_vectors` [N, d] (row = internal id - 1),
     `clusters`: item_clusters' labels (None: no minority measures)."""
     fields = list(fields) if fields is not None else [item_labels(dataset)]
-    planted = planted_topics(dataset, split, fields[0])
+    categories = next((f for f in fields if f.field == CATEGORY_FIELD), None)
+    planted = planted_topics(dataset, split, categories) if categories is not None else None
     users = len(split.histories)
     out: dict[str, list[float]] = {name: [] for name in ROW_MEASURES}
     empty = np.zeros(0, dtype=np.int64)
@@ -100,6 +122,7 @@ def row_measures(dataset: SequenceDataset, split: EvalSplit, interests: np.ndarr
         out["list_minority_recall_at_rows"].append(list_minority)
         names = {(row.interest.field, row.interest.name) for row in shown}
         out["rows_per_user"].append(float(len(shown)))
+        out["esim_rows"].append(float(sum(r.interest.field == ESIM_LABEL_FIELD for r in shown)))
         out["two_named_rows"].append(float(len({n for _, n in names}) >= 2))
         by_field = {f.field: f for f in fields}
         inside = [np.isin(row.rows, by_field[row.interest.field].postings[row.interest.value])

@@ -56,7 +56,7 @@ from trainer.training.interests import (
 )
 from trainer.training.loop import evaluate_model, model_search, train
 from trainer.training.metrics import CUTOFFS, per_user_metrics, tail_recall
-from trainer.training.rows_eval import ROW_MEASURES, row_measures
+from trainer.training.rows_eval import ROW_MEASURES, esim_labels, item_labels, row_measures
 
 log = logging.getLogger("trainer")
 
@@ -169,12 +169,16 @@ def train_run(cfg: TrainConfig, spec: dict[str, Any], *, run_dir: Path | None = 
     }
     save_checkpoint(run_dir / "checkpoint.pt", cfg, spec, dataset, result.model, result.naming)
     (run_dir / "curve.json").write_text(json.dumps(result.curve, indent=1))
-    per_user = write_per_user(run_dir / "per_user.json", dataset, test, result.model)
+    per_user = write_per_user(run_dir / "per_user.json", dataset, test, result.model,
+                              result.naming)
     measures = per_user["interests"]
     report["distinctness"] = mean_measures({name: values for name, values in measures.items()
                                             if name not in ROW_MEASURES})
     report["rows"] = mean_measures({name: values for name, values in measures.items()
                                     if name in ROW_MEASURES})
+    if result.naming is not None:  # the catalogue share ESIM's item labels cover
+        report["rows"]["esim_label_coverage"] = round(
+            len(result.naming.item_labels) / dataset.n_items, 4)
     # Recall on rarely seen targets (issue 23's sparse regimes); NaN-free mean over the users
     # that have one.
     report["tail"] = {name: mean_measures({"tail_recall@50": per_user[name]["tail_recall@50"]})
@@ -220,7 +224,8 @@ def evaluate_checkpoint(path: Path, which: str) -> dict[str, Any]:
 
 
 def interest_measures(dataset: SequenceDataset, split: EvalSplit, model: MultiInterestEncoder,
-                      search: Search, ranked: list[np.ndarray]) -> dict[str, np.ndarray]:
+                      search: Search, ranked: list[np.ndarray],
+                      naming: NamingTables | None = None) -> dict[str, np.ndarray]:
     """Per user: how distinct the K interests are and how the merged list serves them, and
     recall on targets outside the dominant (model-free) interest (trainer/training/interests.py).
     `search`: the model's item search; `ranked`: the users' merged top lists."""
@@ -235,7 +240,8 @@ def interest_measures(dataset: SequenceDataset, split: EvalSplit, model: MultiIn
     if labels is not None:
         measures |= minority_recall(ranked, split.histories, split.targets, labels)
     # The interest rows a person would see (trainer/training/rows_eval.py).
-    measures |= row_measures(dataset, split, interests, items, labels)
+    fields = [f for f in (esim_labels(naming, dataset.n_items), item_labels(dataset)) if f]
+    measures |= row_measures(dataset, split, interests, items, labels, fields=fields)
     return measures
 
 
@@ -250,7 +256,8 @@ def mean_measures(measures: dict[str, np.ndarray]) -> dict[str, float | None]:
 
 
 def write_per_user(path: Path, dataset: SequenceDataset, split: EvalSplit,
-                   model: MultiInterestEncoder) -> dict[str, Any]:
+                   model: MultiInterestEncoder, naming: NamingTables | None = None
+                   ) -> dict[str, Any]:
     """Each test user's metrics (model and MostPop) and interest measures, keyed by external
     user id: what a paired comparison of two models over the same users needs
     (benchmarks/folds.py). Returns what it wrote, as arrays."""
@@ -269,7 +276,7 @@ def write_per_user(path: Path, dataset: SequenceDataset, split: EvalSplit,
         | tail_recall(ranked, split.targets, popularity),
         "mostpop": per_user_metrics(popular, split.targets)
         | tail_recall(popular, split.targets, popularity),
-        "interests": interest_measures(dataset, split, model, search, ranked),
+        "interests": interest_measures(dataset, split, model, search, ranked, naming),
     }
     path.write_text(json.dumps({key: value if key == "users" else lists(value)
                                 for key, value in written.items()}))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from service.bundle.naming_files import NamingTables
 from trainer.encoders.base import MultiInterestEncoder
-from trainer.semantics.esim.objective import EsimObjective
+from trainer.semantics.esim.objective import EsimObjective, labelled_items
 
 TARGET_PRECISION = 0.8
 FLOOR_QUANTILE = 0.1
@@ -37,7 +37,8 @@ def naming_state(naming: NamingTables) -> dict[str, Any]:
             "vocabulary": torch.from_numpy(naming.vocabulary),
             "projection": torch.from_numpy(naming.projection),
             "bias": torch.from_numpy(naming.bias), "min_confidence": naming.min_confidence,
-            "calibration": naming.calibration}
+            "calibration": naming.calibration,
+            "item_labels": [[item, *rows] for item, rows in naming.item_labels.items()]}
 
 
 def naming_from_state(state: dict[str, Any]) -> NamingTables:
@@ -45,7 +46,23 @@ def naming_from_state(state: dict[str, Any]) -> NamingTables:
                         vocabulary=state["vocabulary"].numpy(),
                         projection=state["projection"].numpy(), bias=state["bias"].numpy(),
                         min_confidence=float(state["min_confidence"]),
-                        calibration=dict(state["calibration"]))
+                        calibration=dict(state["calibration"]),
+                        item_labels={int(entry[0]): tuple(int(r) for r in entry[1:])
+                                     for entry in state.get("item_labels") or []})
+
+
+def item_labels(objective: EsimObjective, row_of: np.ndarray) -> dict[int, tuple[int, ...]]:
+    """Internal item id -> the vocabulary rows of the semantic interests ESIM's supervision put
+    it in (the items at an interest's history slots of a supervised user, as L_item uses
+    them), each row once, in ascending order."""
+    items, protos = labelled_items(objective.histories.numpy(), objective.owner.numpy(),
+                                   objective.positions.numpy(), objective.proto.numpy())
+    rows = row_of[objective.labels.numpy()[protos]]
+    out: dict[int, set[int]] = {}
+    for item, row in zip(items.tolist(), rows.tolist(), strict=True):
+        if row >= 0:
+            out.setdefault(item, set()).add(row)
+    return {item: tuple(sorted(found)) for item, found in sorted(out.items())}
 
 
 def interest_name(text: str) -> str:
@@ -130,4 +147,5 @@ def build_naming(objective: EsimObjective, model: MultiInterestEncoder,
     return NamingTables(names=names, sizes=sizes, vocabulary=vectors,
                         projection=g.weight.detach().numpy().astype(np.float32).copy(),
                         bias=g.bias.detach().numpy().astype(np.float32).copy(),
-                        min_confidence=round(threshold, 4), calibration=calibration)
+                        min_confidence=round(threshold, 4), calibration=calibration,
+                        item_labels=item_labels(objective, row_of))

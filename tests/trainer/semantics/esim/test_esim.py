@@ -11,8 +11,10 @@ import onnx
 import pytest
 import torch
 
+from service.bundle.format import ESIM_LABEL_FIELD
 from service.bundle.load import load_bundle
 from service.serving.recommender import Recommender, Shaping
+from service.serving.row_policy import RowPolicy
 from trainer.cli import main as cli_main
 from trainer.config import TrainConfig
 from trainer.encoders.registry import build_encoder
@@ -177,6 +179,26 @@ def test_esim_run_changes_the_encoder_but_not_its_exported_interface(tiny_datase
     expected = [naming.names[i] for i in (z @ naming.vocabulary.T).argmax(axis=1)]
     assert [d.name for d in answer.interest_details] == expected
     assert all(d.confidence is not None for d in answer.interest_details)
+
+    # ESIM's item labels ship as an item field: every labelled item (a supervised user's
+    # item at one of its interests' slots) holds its labels' names; rows can come from them.
+    assert naming.item_labels and all(rows for rows in naming.item_labels.values())
+    labels = served.bundle.fields[ESIM_LABEL_FIELD]
+    shipped = {int(row) + 1 for rows in labels.values() for row in rows}
+    assert shipped == set(naming.item_labels)
+    for item, rows in naming.item_labels.items():
+        held = {name for name, posting in labels.items() if item - 1 in posting.tolist()}
+        assert held == {naming.names[r] for r in rows}
+    labelled = [int(i) for i in history if int(i) in naming.item_labels]
+    with_rows = served.recommend(
+        tiny_dataset.item_ids[history].tolist(), 10,
+        shaping=Shaping(rows=RowPolicy(rows=3, min_support=1), row_fields=(ESIM_LABEL_FIELD,)))
+    assert with_rows.item_ids == answer.item_ids  # the list does not change with rows
+    if labelled:
+        assert with_rows.rows and all(r.interest.field == ESIM_LABEL_FIELD
+                                      for r in with_rows.rows)
+        assert all(set(r.rows) <= set(labels[r.interest.name].tolist())
+                   for r in with_rows.rows)
 
 
 def test_warmup_longer_than_training_is_refused(tiny_dataset):
