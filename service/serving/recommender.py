@@ -293,6 +293,7 @@ class Recommender:
         support = interest_support(interests, self.bundle.item_vectors[history - 1])
         shaping = query.shaping
         cosine = shaping.merge_cosine
+        shown = self._rows(query, scores, rows, interests, history)
         if cosine is None:
             ids, best, which = merge_diverse(scores, rows, query.k, shaping.diversity,
                                              query.excluded)
@@ -301,6 +302,8 @@ class Recommender:
             if shaping.copy_cosine is not None:  # a report of what the list is made of
                 merged_into = copy_groups(interests, support, shaping.copy_cosine)
                 which = merged_into[which]
+                shown = [replace(row, heads=tuple(int(merged_into[h]) for h in row.heads))
+                         for row in shown]
                 weights = np.bincount(merged_into, weights=weights,
                                       minlength=self.num_interests)
         else:
@@ -321,7 +324,7 @@ class Recommender:
             scores=best.astype(float).tolist(),
             interests=which.tolist(), fallback=False, used_history=query.used_history,
             unknown_items=query.unknown_items, interest_counts=counts,
-            interest_details=details, rows=self._rows(query, scores, rows, interests, history))
+            interest_details=details, rows=shown)
 
     def _rows(self, query: Query, scores: np.ndarray, rows: np.ndarray,
               interests: np.ndarray, history: np.ndarray) -> list[Row]:
@@ -333,7 +336,8 @@ class Recommender:
         fields = self.row_labels(query.shaping.row_fields)
         if not fields:
             return []
-        list_rows, list_scores, _ = merge_interest_results(scores, rows, scores.size)
+        list_rows, list_scores, _ = merge_interest_results(scores, rows, scores.size,
+                                                           query.excluded)
         return interest_rows(
             history - 1, fields, list_rows, list_scores,
             lambda pool, n: self.search_rows(interests, n, pool), policy, query.excluded,

@@ -124,7 +124,8 @@ def test_merge_by_share_gives_each_interest_its_places():
 def test_adaptive_setting_changes_the_answer_only_when_on(tiny_bundle):
     model = Recommender(load_bundle(tiny_bundle))
     history = model.bundle.item_ids[:12].tolist()
-    off = model.recommend(history, 20)
+    # off: adaptive interests off and no near-copy report (copy_cosine None), as before both
+    off = model.recommend(history, 20, shaping=Shaping(copy_cosine=None))
     on = model.recommend(history, 20, shaping=Shaping(merge_cosine=0.5))
     assert len(on.item_ids) == 20 == len(set(on.item_ids))
     details = on.interest_details
@@ -133,3 +134,5 @@ def test_adaptive_setting_changes_the_answer_only_when_on(tiny_bundle):
         if d.dropped or d.merged_into is not None:
             assert d.weight == 0 and on.interest_counts[i] == 0
     assert not any(d.dropped or d.merged_into is not None for d in off.interest_details)
+    # the near-copy report (the default) changes what the summary says, never the list
+    assert model.recommend(history, 20).item_ids == off.item_ids
