@@ -29,7 +29,7 @@ from service.serving.retrieval import (
     merge_interest_results,
 )
 from service.serving.row_policy import RowPolicy
-from service.serving.rows import FieldLabels, Row, interest_rows
+from service.serving.rows import FieldLabels, Row, best_by_scores, best_by_search, interest_rows
 from service.store.availability import EMPTY as NO_UNAVAILABLE
 from service.store.availability import Snapshot
 
@@ -338,10 +338,12 @@ class Recommender:
             return []
         list_rows, list_scores, _ = merge_interest_results(scores, rows, scores.size,
                                                            query.excluded)
-        return interest_rows(
-            history - 1, fields, list_rows, list_scores,
-            lambda pool, n: self.search_rows(interests, n, pool), policy, query.excluded,
-            query.allowed)
+        if self.item_count <= EXACT_FILTER_MAX_ROWS:  # one product beats a search per row
+            best = best_by_scores(interests @ np.asarray(self.bundle.item_vectors).T)
+        else:
+            best = best_by_search(lambda pool, n: self.search_rows(interests, n, pool))
+        return interest_rows(history - 1, fields, list_rows, list_scores, best, policy,
+                             query.excluded, query.allowed)
 
     def _popular_allowed(self, n: int, allowed: np.ndarray) -> np.ndarray:
         """The n most popular of the `allowed` rows (ascending), in popularity order: the

@@ -12,7 +12,8 @@ label, a declared field such as brand. For one user:
 3. the best candidates become rows, at most `rows`, leaving out any whose score is below
    `min_ratio` times the best one's: a user with one taste gets one row;
 4. each row holds the model's best items inside its value (the list's score: an item's best
-   inner product over the K interests), searched among exactly those items as a filter is;
+   inner product over the K interests), among exactly those items as a filter is (a search
+   restricted to them, or on a small catalogue the scores of every item, computed once);
    no item is in two rows, and a row left empty (a filter, exclusions) gives its place to
    the next candidate.
 
@@ -33,6 +34,31 @@ from service.serving.row_policy import RowPolicy
 
 # (allowed rows ascending, n) -> (scores, rows) [K, <= n]: the K interests' best among them.
 SearchWithin = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+# (allowed rows ascending, n) -> (rows, scores, heads): the n best of them by the list's score
+# (an item's best inner product over the K interests), best first, and the interest of each.
+BestWithin = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def best_by_search(search: SearchWithin) -> BestWithin:
+    """Each interest's best among the rows (an index search), merged as the list is."""
+    def within(pool: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scores, rows = search(pool, n)
+        return merge_interest_results(scores, rows, n)
+    return within
+
+
+def best_by_scores(scores: np.ndarray) -> BestWithin:
+    """The same from every item's scores [K, N], computed once for all rows: on a small
+    catalogue one product with the whole item table costs less than a search per row."""
+    best, heads = scores.max(axis=0), scores.argmax(axis=0)
+
+    def within(pool: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        values = best[pool]
+        n = min(n, len(pool))
+        top = np.argpartition(-values, n - 1)[:n] if n < len(pool) else np.arange(len(pool))
+        top = top[np.argsort(-values[top], kind="stable")]
+        return pool[top], values[top], heads[pool[top]]
+    return within
 
 
 @dataclass(frozen=True)
@@ -149,7 +175,7 @@ def row_sizes(found: Sequence[Candidate], policy: RowPolicy) -> list[int]:
 
 
 def fill_rows(found: Sequence[Candidate], fields: Mapping[str, FieldLabels],
-              search: SearchWithin, policy: RowPolicy, excluded: np.ndarray,
+              best: BestWithin, policy: RowPolicy, excluded: np.ndarray,
               allowed: np.ndarray | None = None) -> list[Row]:
     """Up to `policy.rows` rows (`row_sizes` items each), each the best inside its interest
     among the `allowed` rows (None: all) less `excluded` and the earlier rows' items. An
@@ -173,21 +199,20 @@ def fill_rows(found: Sequence[Candidate], fields: Mapping[str, FieldLabels],
             pool = pool[~in_sorted(pool, taken)]
         if not len(pool):
             continue
-        scores, rows = search(pool, size)
-        ids, best, heads = merge_interest_results(scores, rows, size)
+        ids, scores, heads = best(pool, size)
         if not len(ids):
             continue
         taken = np.union1d(taken, ids)
-        out.append(Row(candidate, tuple(ids.tolist()), tuple(best.astype(float).tolist()),
+        out.append(Row(candidate, tuple(ids.tolist()), tuple(scores.astype(float).tolist()),
                        tuple(heads.tolist())))
     return out
 
 
 def interest_rows(history: np.ndarray, fields: Sequence[FieldLabels], list_rows: np.ndarray,
-                  list_scores: np.ndarray, search: SearchWithin, policy: RowPolicy,
+                  list_scores: np.ndarray, best: BestWithin, policy: RowPolicy,
                   excluded: np.ndarray, allowed: np.ndarray | None = None) -> list[Row]:
     """`candidates` then `fill_rows`: one user's rows."""
     if policy.rows <= 0:
         return []
     found = candidates(history, fields, list_rows, list_scores, policy)
-    return fill_rows(found, {f.field: f for f in fields}, search, policy, excluded, allowed)
+    return fill_rows(found, {f.field: f for f in fields}, best, policy, excluded, allowed)

@@ -33,7 +33,7 @@ from service.bundle.naming_files import NamingTables
 from service.serving.filters import exact_search
 from service.serving.retrieval import merge_interest_results
 from service.serving.row_policy import RowPolicy
-from service.serving.rows import FieldLabels, interest_rows
+from service.serving.rows import FieldLabels, best_by_scores, interest_rows
 from trainer.data.dataset import EvalSplit, SequenceDataset
 from trainer.training.interests import dominant_cluster
 
@@ -99,13 +99,12 @@ def row_measures(dataset: SequenceDataset, split: EvalSplit, interests: np.ndarr
     nan = float("nan")
     for u in range(users):
         history = split.histories[u][split.histories[u] > 0] - 1
+        every = interests[u] @ item_vectors.T  # [K, N]: exact, as the service on a small catalogue
         scores, rows = exact_search(interests[u], item_vectors, np.arange(len(item_vectors)),
                                     LIST_FANOUT)
         list_rows, list_scores, _ = merge_interest_results(scores, rows, scores.size)
-        shown = interest_rows(
-            history, fields, list_rows, list_scores,
-            lambda pool, n, q=interests[u]: exact_search(q, item_vectors, pool, n),
-            policy, empty)
+        shown = interest_rows(history, fields, list_rows, list_scores, best_by_scores(every),
+                              policy, empty)
         union = np.asarray([r for row in shown for r in row.rows], dtype=np.int64) + 1
         ranked = list_rows[: len(union)] + 1  # the list's top m (internal ids)
         targets = split.targets[u]

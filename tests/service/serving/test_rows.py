@@ -11,6 +11,8 @@ from service.serving.retrieval import copy_groups
 from service.serving.rows import (
     FieldLabels,
     RowPolicy,
+    best_by_scores,
+    best_by_search,
     candidates,
     fill_rows,
     interest_rows,
@@ -33,7 +35,18 @@ def vectors() -> np.ndarray:
 
 
 def search_for(interests: np.ndarray, vectors: np.ndarray):
-    return lambda pool, n: exact_search(interests, vectors, pool, n)
+    """Both ways of finding the best inside an interest; they must agree (checked below)."""
+    return best_by_search(lambda pool, n: exact_search(interests, vectors, pool, n))
+
+
+def test_the_two_ways_to_the_best_items_agree(vectors):
+    interests = np.random.default_rng(4).normal(size=(3, 8)).astype(np.float32)
+    by_search = search_for(interests, vectors)
+    by_scores = best_by_scores(interests @ vectors.T)
+    for pool, n in ((np.array([0, 2, 5, 7, 11]), 3), (np.arange(12), 12), (np.array([4]), 5)):
+        a, b = by_search(pool, n), by_scores(pool, n)
+        assert a[0].tolist() == b[0].tolist() and a[2].tolist() == b[2].tolist()
+        assert np.allclose(a[1], b[1], atol=1e-5)
 
 
 def test_field_labels_index_every_value_of_every_item(labels):
