@@ -29,7 +29,13 @@ from service.serving.retrieval import (
     merge_interest_results,
 )
 from service.serving.row_policy import RowPolicy
-from service.serving.rows import FieldLabels, Row, best_by_scores, best_by_search, interest_rows
+from service.serving.rows import (
+    FieldLabels,
+    Row,
+    best_by_candidates,
+    best_by_search,
+    interest_rows,
+)
 from service.store.availability import EMPTY as NO_UNAVAILABLE
 from service.store.availability import Snapshot
 
@@ -336,12 +342,13 @@ class Recommender:
         fields = self.row_labels(query.shaping.row_fields)
         if not fields:
             return []
-        list_rows, list_scores, _ = merge_interest_results(scores, rows, scores.size,
-                                                           query.excluded)
-        if self.item_count <= EXACT_FILTER_MAX_ROWS:  # one product beats a search per row
-            best = best_by_scores(interests @ np.asarray(self.bundle.item_vectors).T)
-        else:
-            best = best_by_search(lambda pool, n: self.search_rows(interests, n, pool))
+        list_rows, list_scores, list_heads = merge_interest_results(
+            scores, rows, scores.size, query.excluded)
+        # An interest with fewer than n results saw every allowed item: no bound from it.
+        full = (rows >= 0).all(axis=1) & (rows.shape[1] == query.n)
+        bound = float(scores[full, -1].max()) if full.any() else -np.inf
+        exact = best_by_search(lambda pool, n: self.search_rows(interests, n, pool))
+        best = best_by_candidates(list_rows, list_scores, list_heads, bound, exact)
         return interest_rows(history - 1, fields, list_rows, list_scores, best, policy,
                              query.excluded, query.allowed)
 

@@ -47,6 +47,22 @@ def best_by_search(search: SearchWithin) -> BestWithin:
     return within
 
 
+def best_by_candidates(list_rows: np.ndarray, list_scores: np.ndarray, list_heads: np.ndarray,
+                       bound: float, fallback: BestWithin) -> BestWithin:
+    """The best inside an interest from the list's own candidates where they settle it, else
+    `fallback`. `list_*`: the K per-interest top-n merged (distinct rows, best first);
+    `bound`: the highest of the K interests' n-th scores. An item outside an interest's top n
+    scores below that interest's n-th score, so a candidate whose merged score reaches `bound`
+    has its true best score, and every item not among such candidates scores below `bound`:
+    when the pool's n best candidates all reach it, they are the pool's n best."""
+    def within(pool: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        inside = np.flatnonzero(in_sorted(list_rows, pool))[:n]
+        if len(inside) == min(n, len(pool)) and list_scores[inside[-1]] >= bound:
+            return list_rows[inside], list_scores[inside], list_heads[inside]
+        return fallback(pool, n)
+    return within
+
+
 def best_by_scores(scores: np.ndarray) -> BestWithin:
     """The same from every item's scores [K, N], computed once for all rows: on a small
     catalogue one product with the whole item table costs less than a search per row."""
@@ -137,17 +153,24 @@ def candidates(history: np.ndarray, fields: Sequence[FieldLabels], list_rows: np
     for labels in fields:
         owner, values = labels.holders(recent)
         support = np.bincount(values, minlength=len(labels.names))
+        eligible = np.flatnonzero(support >= need)
+        if not len(eligible):
+            continue
         history_share = np.bincount(values, weights=weight[owner], minlength=len(labels.names))
         item_owner, item_values = labels.holders(list_rows)
         model_share = np.bincount(item_values, weights=mass[item_owner],
                                   minlength=len(labels.names))
         score = (policy.history_weight * history_share
                  + (1 - policy.history_weight) * model_share)
-        for value in np.flatnonzero(support >= need):
-            because = recent[owner[values == value]]
-            found.append(Candidate(labels.field, int(value), labels.names[value],
-                                   round(float(score[value]), 4),
-                                   tuple(int(r) for r in because)))
+        # each value's history items, most recent first: owners grouped by value
+        order = np.argsort(values, kind="stable")
+        starts = np.searchsorted(values[order], eligible)
+        held = recent[owner[order]].tolist()
+        for value, start, score_of in zip(eligible.tolist(), starts.tolist(),
+                                          score[eligible].tolist(), strict=True):
+            found.append(Candidate(labels.field, value, labels.names[value],
+                                   round(score_of, 4),
+                                   tuple(held[start : start + int(support[value])])))
     found.sort(key=lambda c: (-c.score, -len(c.because), c.field, c.name))
     # One name, one row: where two fields hold the same name (ESIM's "Action" and the
     # category Action), the better-scored stands for both.

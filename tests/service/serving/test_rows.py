@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from service.serving.filters import exact_search
-from service.serving.retrieval import copy_groups
+from service.serving.retrieval import copy_groups, merge_interest_results
 from service.serving.rows import (
     FieldLabels,
     RowPolicy,
+    best_by_candidates,
     best_by_scores,
     best_by_search,
     candidates,
@@ -47,6 +48,34 @@ def test_the_two_ways_to_the_best_items_agree(vectors):
         a, b = by_search(pool, n), by_scores(pool, n)
         assert a[0].tolist() == b[0].tolist() and a[2].tolist() == b[2].tolist()
         assert np.allclose(a[1], b[1], atol=1e-5)
+
+
+def test_the_list_candidates_settle_a_row_exactly_or_fall_back():
+    rng = np.random.default_rng(5)
+    vectors = rng.normal(size=(300, 8)).astype(np.float32)
+    interests = rng.normal(size=(4, 8)).astype(np.float32)
+    exact = best_by_scores(interests @ vectors.T)
+    n = 20  # each interest's top 20, merged: the list's candidates
+    scores, rows = exact_search(interests, vectors, np.arange(300), n)
+    merged = merge_interest_results(scores, rows, scores.size)
+    bound = float(scores[:, -1].max())
+    asked = []
+
+    def fallback(pool, k):
+        asked.append(len(pool))
+        return exact(pool, k)
+
+    best = best_by_candidates(*merged, bound, fallback)
+    settled = 0
+    for _ in range(200):
+        pool = np.sort(rng.choice(300, rng.integers(1, 300), replace=False))
+        k = int(rng.integers(1, 8))
+        before = len(asked)
+        got, want = best(pool, k), exact(pool, k)
+        assert got[0].tolist() == want[0].tolist() and got[2].tolist() == want[2].tolist()
+        assert np.allclose(got[1], want[1], atol=1e-5)
+        settled += len(asked) == before
+    assert 0 < settled < 200  # both ways were taken
 
 
 def test_field_labels_index_every_value_of_every_item(labels):
