@@ -33,7 +33,7 @@ _REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
 
 
 def is_request_id(value: str) -> bool:
-    return _REQUEST_ID_RE.match(value) is not None
+    return _REQUEST_ID_RE.fullmatch(value) is not None  # match: `$` passes a final \n
 
 
 def check_request_id(value: str) -> str:
