@@ -73,7 +73,7 @@ def variant_model(variant: Variant) -> Recommender:
     by another variant: that would blur the comparison)."""
     current = variant.models.current
     if current is None:
+        # Not the models folder (a server path): the log names it at start and at each load.
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            f"no model loaded yet for variant {variant.name!r} (waiting for a "
-                            f"bundle in {variant.models.root})")
+                            f"no model loaded yet for variant {variant.name!r}; retry later")
     return current

@@ -14,7 +14,7 @@ from service.schemas import (
     ERROR_RESPONSES,
     DeleteResponse,
     EventBatch,
-    EventIn,
+    EventsBody,
     EventsResponse,
     HistoryResponse,
     UserIdPath,
@@ -38,7 +38,7 @@ router = APIRouter(tags=["events"], dependencies=[Depends(require_api_key)],
 
 
 @router.post("/events", response_model=EventsResponse)
-async def record_events(body: EventIn | EventBatch, state: State) -> EventsResponse:
+async def record_events(body: EventsBody, state: State) -> EventsResponse:
     """One event, or {"events": [...]}; a batch is stored in timestamp order."""
     incoming = body.events if isinstance(body, EventBatch) else [body]
     if len(incoming) > state.settings.max_events_per_request:

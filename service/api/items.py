@@ -22,6 +22,7 @@ from service.schemas import (
     AvailabilityChange,
     AvailabilityResponse,
     Id,
+    QueryCount,
     SimilarItem,
     SimilarResponse,
     invalid,
@@ -54,7 +55,7 @@ def parse_pairs(pairs: list[str] | None) -> dict[str, list[str]]:
 async def similar_items(
     item_id: Annotated[Id, PathParam(description="the item id (may contain '/')")],
     state: State,
-    k: Annotated[int | None, Query(ge=1, description="items to return (default: "
+    k: Annotated[QueryCount | None, Query(ge=1, description="items to return (default: "
                                                      "DEFAULT_K)")] = None,
     include: FieldFilters = None,
     exclude: FieldFilters = None,
@@ -67,8 +68,8 @@ async def similar_items(
         raise invalid(("k",), f"k={k} is above the maximum {settings.max_k}", k,
                       "less_than_equal", where="query")
     model = state.models.current
-    if model is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model loaded yet")
+    if model is None:  # Retry-After and the request id: service/app.py
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model loaded yet; retry later")
     if item_id not in model.internal:
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             f"item {item_id!r} is not in the served catalogue (model "

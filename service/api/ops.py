@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -14,6 +15,7 @@ from service.deps import ServedModel, State, require_api_key
 from service.schemas import ERROR_RESPONSES, ABReport, VariantReport
 from service.serving.variants import Variant
 
+log = logging.getLogger("service.ops")
 router = APIRouter(tags=["ops"])
 
 
@@ -91,9 +93,10 @@ async def ab_report(state: State) -> ABReport:
     try:
         counts = await state.attribution.counts(names)
     except AttributionUnavailable as exc:
-        state.metrics.ab_errors.inc()
+        state.metrics.ab_errors.inc()  # the log has the cause (it names Redis's address)
+        log.warning("A/B attribution store unavailable", extra={"error": str(exc)})
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            f"A/B attribution store unavailable: {exc}") from exc
+                            "A/B attribution store unavailable; retry later") from exc
     variants = []
     for variant in state.variants.all:
         c = counts.variants[variant.name]
