@@ -74,6 +74,7 @@ class Body(BaseModel):
 # Filters (service/serving/filters.py): field names and values as the bundle's items.json
 # "fields" has them (category, year).
 MAX_FILTER_IDS = 100_000  # an allow-list's ids at most
+MAX_EXCLUDE_IDS = 1000  # ids one /recommend may exclude (each widens the search)
 FieldName = Annotated[StrictStr, Field(min_length=1, max_length=64)]
 FieldValue = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 FieldValues = Annotated[dict[FieldName, Annotated[list[FieldValue], Field(min_length=1)]],
@@ -99,7 +100,8 @@ class RecommendRequest(Body):
     history: list[Id] | None = Field(
         None, description="recent item ids, oldest first; appended after the stored history")
     use_stored_history: bool = Field(True, description="read the user's history from the store")
-    exclude: list[Id] = Field(default_factory=list)
+    exclude: list[Id] = Field(default_factory=list, max_length=MAX_EXCLUDE_IDS,
+                              description="item ids not to recommend")
     exclude_seen: bool = Field(False, description="drop items in the history from the results")
     filter: FilterBody | None = Field(None, description=(
         "answer with the best k among the items it allows (applied inside retrieval); an "
@@ -304,6 +306,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse,
           "description": "no model loaded yet, the history store is unreachable, or the event "
                          "log is full; retry later"},
+}
+
+
+# The admin routes' (service/deps.py require_admin_key).
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    401: {"model": ErrorResponse, "description": "the admin key (ADMIN_API_KEY; API_KEY when "
+                                                 "it is unset) is missing or wrong"},
+    403: {"model": ErrorResponse, "description": "the data routes' API key on an admin route"},
 }
 
 

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Depends
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from service.ab.attribution import AttributionUnavailable, Claim
-from service.deps import AppState, State, require_api_key
+from service.deps import AppState, State, require_admin_key, require_api_key
 from service.schemas import (
+    ADMIN_RESPONSES,
     ERROR_RESPONSES,
     DeleteResponse,
     EventBatch,
@@ -90,6 +91,8 @@ async def get_history(user_id: UserIdPath, state: State) -> HistoryResponse:
     return HistoryResponse(user_id=user_id, items=await state.store.history(user_id))
 
 
-@router.delete("/users/{user_id:anyid}/history", response_model=DeleteResponse)
+# Deleting any user's history is an admin route (ADMIN_API_KEY when set).
+@router.delete("/users/{user_id:anyid}/history", response_model=DeleteResponse,
+               dependencies=[Depends(require_admin_key)], responses=ADMIN_RESPONSES)
 async def delete_history(user_id: UserIdPath, state: State) -> DeleteResponse:
     return DeleteResponse(user_id=user_id, deleted=await state.store.delete(user_id))

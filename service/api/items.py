@@ -16,8 +16,9 @@ from fastapi import Path as PathParam
 from pydantic import StringConstraints
 
 from service.api import events  # noqa: F401 (registers the {x:anyid} path convertor)
-from service.deps import State, require_api_key
+from service.deps import State, require_admin_key, require_api_key
 from service.schemas import (
+    ADMIN_RESPONSES,
     ERROR_RESPONSES,
     AvailabilityChange,
     AvailabilityResponse,
@@ -87,7 +88,8 @@ async def similar_items(
                for i, s, t in zip(found.item_ids, found.scores, found.titles, strict=True)])
 
 
-@router.post("/items/availability", response_model=AvailabilityResponse)
+@router.post("/items/availability", response_model=AvailabilityResponse,
+             dependencies=[Depends(require_admin_key)], responses=ADMIN_RESPONSES)
 async def change_availability(body: AvailabilityChange, state: State) -> AvailabilityResponse:
     """Mark items unavailable (recalled, sold out) or available again, in one change: every
     worker and replica stops serving them within AVAILABILITY_REFRESH_SECONDS (this one at
