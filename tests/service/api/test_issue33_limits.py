@@ -55,7 +55,7 @@ def create_app_for(settings):
 
 
 def test_headers_are_capped_by_the_server(limited_server):
-    from service.__main__ import MAX_HEADERS
+    from service.http_limits import MAX_HEADERS
 
     base, settings = limited_server
     ok = raw_request(base, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -113,3 +113,6 @@ def test_exclude_and_filter_ids_have_a_stated_limit(client):
     assert over.status_code == 422 and over.json()["detail"][0]["type"] == "too_long"
     at = client.post("/recommend", json={"user_id": "u", "exclude": ["x"] * MAX_EXCLUDE_IDS})
     assert at.status_code == 200
+    over = client.post("/recommend", json={"user_id": "u", "filter": {
+        "item_ids": ["x"] * (MAX_FILTER_IDS + 1)}})
+    assert over.status_code == 422 and over.json()["detail"][0]["type"] == "too_long"
