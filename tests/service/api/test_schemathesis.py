@@ -1,5 +1,10 @@
-"""schemathesis (`--checks all`) against the running service finds nothing but what is
-documented as intended (README, API):
+"""The fuzzer in CI (issue 33): schemathesis generates requests from the OpenAPI schema, valid
+and invalid (`--mode all`), with a fixed seed and a bounded number of examples per operation,
+against the app behind a real uvicorn server with the limits `python -m service` serves with
+and both API keys set. It asserts that no answer is a 5xx (counted by the server itself, not
+only by schemathesis's check) and that every answer conforms to the schema (`--checks all`:
+status codes, content types, bodies); it finds nothing but what is documented as intended
+(README, API):
 
 * ST202 on POST /recommend for `k: 3.0`: JSON Schema counts 3.0 as an integer; the API refuses
   it on purpose (strict types: a float is not a count).
@@ -11,17 +16,27 @@ documented as intended (README, API):
   of the first one only.
 """
 
+from __future__ import annotations
+
 import re
 import shutil
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.__main__ import server_options
 from service.app import create_app
 from tests.service.conftest import live_server, make_settings
+
+SEED = 1
+MAX_EXAMPLES = 40  # per operation and phase: about 20 s on two cores
+ADMIN_KEY = "fuzz-admin-key"
 
 INTENDED = {
     ("POST /recommend", "ST202"): re.compile(
@@ -34,9 +49,42 @@ INTENDED = {
 }
 
 
+def base_schema(app: Answers) -> dict:
+    return app.app.openapi()  # type: ignore[attr-defined]
+
+
+def schema_paths(schema: dict) -> dict:
+    return {path: {m: op for m, op in item.items() if m in ("get", "post", "delete")}
+            for path, item in schema["paths"].items()}
+
+
 def schemathesis_cli() -> str | None:
     found = Path(sys.executable).with_name("schemathesis")
     return str(found) if found.exists() else shutil.which("schemathesis")
+
+
+class Answers:
+    """Counts the server's answers by (method, route, status), whatever the client checks."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app, self.seen = app, Counter[tuple[str, str, int]]()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 0
+
+        async def record(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.seen[(scope["method"], route, status)] += 1
 
 
 @pytest.mark.slow
@@ -44,13 +92,33 @@ def test_schemathesis_finds_only_documented_deviations(models_dir, redis_url, tm
     cli = schemathesis_cli()
     if cli is None:
         pytest.skip("schemathesis is not installed (make install installs it)")
-    app = create_app(make_settings(models_dir, redis_url=redis_url))
-    with live_server(app) as base:
+    settings = make_settings(models_dir, redis_url=redis_url, api_key="fuzz-data-key",
+                             admin_api_key=ADMIN_KEY)
+    app = Answers(create_app(settings))
+    started = time.monotonic()
+    with live_server(app, **server_options(settings)) as base:  # type: ignore[arg-type]
         run = subprocess.run(
-            [cli, "run", f"{base}/openapi.json", "--checks", "all", "--max-examples", "40",
-             "--seed", "1", "--report", "junit", "--report-dir", str(tmp_path / "report"),
-             "--no-color"],
+            [cli, "run", f"{base}/openapi.json", "--checks", "all", "--mode", "all",
+             "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED),
+             "--header", f"X-API-Key: {ADMIN_KEY}", "--workers", "1",
+             "--report", "junit", "--report-dir", str(tmp_path / "report"), "--no-color"],
             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    seconds = time.monotonic() - started
+    fuzzed, statuses = Counter[tuple[str, str]](), Counter[int]()
+    for (method, route, status), n in app.seen.items():
+        if route != "/openapi.json":  # {user_id:anyid} -> {user_id}, as the schema has it
+            fuzzed[(method, re.sub(r":\w+}", "}", route))] += n
+            statuses[status] += n
+    documented = {(m.upper(), path) for path, item in schema_paths(base_schema(app)).items()
+                  for m in item}
+    server_errors = {key: n for key, n in app.seen.items() if key[2] >= 500}
+    print(f"\nschemathesis (seed {SEED}, at most {MAX_EXAMPLES} examples per operation and "
+          f"phase): {sum(fuzzed.values())} requests, {len(documented & set(fuzzed))} of the "
+          f"schema's {len(documented)} operations, in {seconds:.1f} s; statuses "
+          f"{sorted(statuses.items())}")
+    assert not server_errors, server_errors
+    assert documented <= set(fuzzed), documented - set(fuzzed)  # every operation was fuzzed
+    assert sum(fuzzed.values()) >= 500, fuzzed
     reports = list((tmp_path / "report").glob("*.xml"))
     assert reports, run.stdout[-3000:] + run.stderr[-3000:]
     cases = ET.parse(reports[0]).getroot().iter("testcase")
