@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.settings import Settings
+from tests.service.conftest import free_port
 
 # "\n" at the end passed `re.match(r"...$")`; "\r" and a leading "\n" are checked as well.
 LINE_BREAK_IDS = ["a\n", "a\r", "\na"]
@@ -80,3 +81,16 @@ def test_the_schema_documents_401_and_403_on_admin_routes(client):
     assert "403" not in paths["/recommend"]["post"]["responses"]
 
 
+
+
+def test_python_m_service_on_a_public_address_exits_2_naming_the_fix(models_dir):
+    import subprocess
+    import sys
+
+    from tests.service.test_workers import REPO, service_env
+
+    env = service_env(models_dir, free_port(), host="0.0.0.0")
+    done = subprocess.run([sys.executable, "-m", "service"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "ADMIN_API_KEY" in done.stderr and "ALLOW_OPEN_ADMIN=true" in done.stderr

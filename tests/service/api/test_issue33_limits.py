@@ -116,3 +116,23 @@ def test_exclude_and_filter_ids_have_a_stated_limit(client):
     over = client.post("/recommend", json={"user_id": "u", "filter": {
         "item_ids": ["x"] * (MAX_FILTER_IDS + 1)}})
     assert over.status_code == 422 and over.json()["detail"][0]["type"] == "too_long"
+
+
+@pytest.mark.parametrize(("server", "workers"), [("uvicorn", 2), ("granian", 1)])
+def test_served_processes_cap_headers(models_dir, redis_url, tmp_path, server, workers):
+    """`python -m service` itself: uvicorn's multi-worker mode and granian refuse the same."""
+    from service.http_limits import MAX_HEADERS
+    from tests.service.test_workers import serve
+
+    with serve(models_dir, tmp_path / "service.log", workers, server=server,
+               redis_url=redis_url) as running:
+        base = running.base
+        fine = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Fine: "
+                + b"b" * 4000 + b"\r\n\r\n")
+        assert raw_request(base, fine).startswith(b"HTTP/1.1 200")
+        for head in (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000
+                     + b"\r\n\r\n",
+                     b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                     + b"".join(b"X-%d: 1\r\n" % n for n in range(MAX_HEADERS + 50))
+                     + b"\r\n"):
+            assert raw_request(base, head).startswith(b"HTTP/1.1 431"), server
