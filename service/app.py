@@ -25,9 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.ab.attribution import AttributionStore, InMemoryAttributionStore, RedisAttributionStore
 from service.api import events, items, ops, recommend, ui, users
+from service.api.events import SHAPE_TAGS
 from service.deps import AppState
 from service.observability import Metrics, configure_logging, mark_worker_dead, request_id_var
-from service.schemas import SHAPE_TAGS, is_request_id
+from service.schemas import is_request_id
 from service.serving.batching import Batcher
 from service.serving.recommender import Shaping
 from service.serving.variants import build_variants

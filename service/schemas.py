@@ -9,16 +9,7 @@ import orjson
 from fastapi import Path
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Discriminator,
-    Field,
-    StrictStr,
-    Tag,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 
 from service.serving.filters import ItemFilter
 from service.store.events import ID_PATTERN, MAX_ID_LENGTH, MAX_TIMESTAMP, check_id
@@ -54,16 +45,6 @@ def check_request_id(value: str) -> str:
 
 RequestId = Annotated[StrictStr, Field(json_schema_extra={"pattern": REQUEST_ID_PATTERN}),
                       AfterValidator(check_request_id)]
-
-
-def whole_number(value: Any) -> Any:
-    """A count in the query as in a body, where k is a JSON integer (3, not 3.0): digits only."""
-    if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,9}", value):
-        raise ValueError("must be a whole number written in digits, e.g. 3 (not 3.0)")
-    return value
-
-
-QueryCount = Annotated[int, BeforeValidator(whole_number)]
 
 
 class Body(BaseModel):
@@ -230,21 +211,6 @@ class EventIn(Body):
 
 class EventBatch(Body):
     events: list[EventIn] = Field(min_length=1)
-
-
-# POST /events takes either shape; the body's own shape is validated (an object with "events"
-# is a batch), so a 422 lists what is wrong with that shape only. The tags are dropped from
-# the error locations (service/app.py): ["body", "events", 1, "item_id"].
-SHAPE_TAGS = frozenset({"one-event", "event-batch"})
-
-
-def event_shape(value: Any) -> str:
-    return "event-batch" if isinstance(value, dict) and "events" in value else "one-event"
-
-
-EventsBody = Annotated[Annotated[EventIn, Tag("one-event")] | Annotated[EventBatch,
-                                                                         Tag("event-batch")],
-                       Discriminator(event_shape)]
 
 
 class EventsResponse(BaseModel):

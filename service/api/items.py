@@ -9,11 +9,12 @@ the primary model (no user, so no A/B variant).
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+import re
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi import Path as PathParam
-from pydantic import StringConstraints
+from pydantic import BeforeValidator, StringConstraints
 
 from service.api import events  # noqa: F401 (registers the {x:anyid} path convertor)
 from service.deps import State, require_admin_key, require_api_key
@@ -23,7 +24,6 @@ from service.schemas import (
     AvailabilityChange,
     AvailabilityResponse,
     Id,
-    QueryCount,
     SimilarItem,
     SimilarResponse,
     invalid,
@@ -34,6 +34,15 @@ log = logging.getLogger("service.items")
 router = APIRouter(tags=["items"], dependencies=[Depends(require_api_key)],
                    responses=ERROR_RESPONSES)
 
+
+def whole_number(value: Any) -> Any:
+    """k in the query follows the body's rule (a JSON integer: 3, not 3.0): digits only."""
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,9}", value):
+        raise ValueError("must be a whole number written in digits, e.g. 3 (not 3.0)")
+    return value
+
+
+QueryCount = Annotated[int, BeforeValidator(whole_number)]
 FieldPair = Annotated[str, StringConstraints(pattern=r"^[^:]+:.+$", max_length=512)]
 FieldFilters = Annotated[list[FieldPair] | None, Query(
     description="field:value, repeatable (e.g. category:Comedy); include: an item must hold "
