@@ -24,6 +24,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+from typing import Any  # noqa: E402
 
 from pydantic import ValidationError  # noqa: E402
 
@@ -31,6 +32,18 @@ from service.settings import Settings, get_settings  # noqa: E402
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 APP_FACTORY = "service.app:create_app"
+# uvicorn's httptools protocol with a cap on request heads (service/http_limits.py), by name:
+# each worker process imports it.
+LIMITED_HTTP = "service.http_limits:LimitedHttpToolsProtocol"
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """What uvicorn needs beyond the app and the address, the same in every mode (and in the
+    tests' live servers): the head limits among them."""
+    # No proxy-headers middleware: nothing here reads the client address, and it is one more
+    # layer on every request. The access log is the app's own (service/app.py AccessLog).
+    return dict(log_level=settings.log_level.lower(), access_log=False, proxy_headers=False,
+                http=LIMITED_HTTP, h11_max_incomplete_event_size=settings.max_header_bytes)
 
 
 def load_settings() -> Settings:
@@ -47,10 +60,7 @@ def load_settings() -> Settings:
 def serve_uvicorn(settings: Settings) -> None:
     import uvicorn
 
-    # No proxy-headers middleware: nothing here reads the client address, and it is one more
-    # layer on every request. The access log is the app's own (service/app.py AccessLog).
-    common = dict(host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                  access_log=False, proxy_headers=False)
+    common = dict(host=settings.host, port=settings.port, **server_options(settings))
     if settings.workers == 1:
         from service.app import create_app
 
@@ -63,11 +73,15 @@ def serve_uvicorn(settings: Settings) -> None:
 def serve_granian(settings: Settings) -> None:
     from granian import Granian
     from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.http import HTTP1Settings
 
     level = settings.log_level.lower()
     Granian(APP_FACTORY, factory=True, address=settings.host, port=settings.port,
             interface=Interfaces.ASGI, workers=settings.workers, loop=Loops.uvloop,
             http=HTTPModes.http1, websockets=False, log_access=False,
+            # hyper's read buffer bounds a request's head (431 beyond it; at most 100 headers,
+            # as service/http_limits.py); hyper's minimum is 8192.
+            http1_settings=HTTP1Settings(max_buffer_size=max(8192, settings.max_header_bytes)),
             log_level=level if level in ("critical", "error", "warning", "info", "debug")
             else "info",  # type: ignore[arg-type]
             respawn_failed_workers=True).serve()

@@ -8,10 +8,13 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from email.message import Message as MimeHeader
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.ab.attribution import AttributionStore, InMemoryAttributionStore, RedisAttributionStore
 from service.api import events, items, ops, recommend, ui, users
+from service.api.events import SHAPE_TAGS
 from service.deps import AppState
 from service.observability import Metrics, configure_logging, mark_worker_dead, request_id_var
 from service.schemas import is_request_id
@@ -154,7 +158,12 @@ class AccessLog:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            if not url_is_utf8(scope):
+                await JSONResponse({"detail": "the URL is not valid UTF-8 once percent-decoded "
+                                              "(ids and query values are UTF-8 text)",
+                                    "request_id": request_id}, 400)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
         except Exception:
             # Never a traceback to the client; the log has it, keyed by the request id.
             log.exception("unhandled error")
@@ -173,6 +182,19 @@ class AccessLog:
             request_id_var.reset(token)
 
 
+def url_is_utf8(scope: Scope) -> bool:
+    """Whether the path and query decode to UTF-8 text. The server and Starlette decode
+    percent-escapes leniently (an invalid byte becomes U+FFFD), which would turn
+    `/users/%FF%FE/history` into another, valid id; checked only when there is an escape."""
+    for raw in (scope.get("raw_path") or b"", scope.get("query_string") or b""):
+        if b"%" in raw:
+            try:
+                unquote_to_bytes(raw).decode("utf-8")
+            except UnicodeDecodeError:
+                return False
+    return True
+
+
 def client_request_id(raw: bytes) -> str:
     """The client's X-Request-ID if it is a short printable ASCII token, else a new one (a
     request id ends up in headers and logs, so it must be safe in both)."""
@@ -180,6 +202,36 @@ def client_request_id(raw: bytes) -> str:
     if is_request_id(given):  # the rule POST /events `request_id` accepts (service/schemas.py)
         return given
     return uuid.uuid4().hex
+
+
+# A 503 (store or model not there yet) asks the client to come back after this many seconds.
+RETRY_AFTER_SECONDS = 5
+# Errors pydantic gives a body that is not an object (with any Content-Type but JSON, FastAPI
+# hands the raw bytes to validation: "Input should be a valid dictionary").
+NOT_AN_OBJECT = frozenset({"model_type", "model_attributes_type", "dict_type"})
+
+
+def is_json(content_type: str | None) -> bool:
+    """FastAPI's own rule for a body it parses as JSON: application/json or */*+json."""
+    if not content_type:
+        return False
+    header = MimeHeader()
+    header["content-type"] = content_type
+    subtype = header.get_content_subtype()
+    return header.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json"))
+
+
+def unparseable_body(cause: BaseException) -> str | None:
+    """Why FastAPI could not parse a body (it answers "There was an error parsing the body")."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 (byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the body is nested too deeply to parse"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return (f"a number in the body is too long (over {sys.get_int_max_str_digits()} "
+                f"digits)")
+    return None
 
 
 def _json_safe(value: Any) -> Any:
@@ -210,7 +262,8 @@ def validation_details(errors: Any) -> list[dict[str, Any]]:
         item: dict[str, Any] = {
             "type": error.get("type"),
             "loc": [part if isinstance(part, int) or (isinstance(part, str) and _encodable(part))
-                    else ascii(part) for part in error.get("loc", ())],
+                    else ascii(part) for n, part in enumerate(error.get("loc", ()))
+                    if not (n == 1 and part in SHAPE_TAGS)],  # POST /events' shape tag
             "msg": str(error.get("msg", ""))[:300].encode("utf-8", "replace").decode(),
         }
         shown = _json_safe(error.get("input"))
@@ -345,25 +398,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(items.router)
     app.include_router(ui.router)  # the web page, GET / and /ui
 
-    # Every error body carries the request id (the X-Request-ID header has it too).
+    # Every error body carries the request id (the X-Request-ID header has it too); every 503
+    # says when to try again.
     def error(detail: Any, status_code: int, headers: dict[str, str] | None = None
               ) -> JSONResponse:
+        if status_code == 503 and "Retry-After" not in (headers or {}):
+            headers = {**(headers or {}), "Retry-After": str(RETRY_AFTER_SECONDS)}
         return JSONResponse({"detail": detail, "request_id": request_id_var.get()},
                             status_code=status_code, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.detail, exc.status_code, getattr(exc, "headers", None))
+        detail = exc.detail
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's body parsing
+            detail = unparseable_body(exc.__cause__) or detail
+        return error(detail, exc.status_code, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error(validation_details(exc.errors()), 422)
+        details = validation_details(exc.errors())
+        whole_body = [d for d in details if d["loc"] == ["body"] and d["type"] in NOT_AN_OBJECT]
+        if whole_body:  # the body as a whole is not an object: a wrong content type, or not one
+            content_type = request.headers.get("content-type")
+            if not is_json(content_type):
+                return error(f"send the body as JSON with Content-Type: application/json "
+                             f"(got {'none' if content_type is None else repr(content_type)})",
+                             415)
+            for d in whole_body:
+                d["msg"] = "the body must be a JSON object"
+                d.pop("input", None)
+        return error(details, 422)
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        # One place for every route that needs the store; /recommend degrades instead.
+        # One place for every route that needs the store; /recommend degrades instead. The
+        # cause names Redis's address: logged (with the request id), not answered.
         metrics.redis_errors.inc()
-        return error(f"history store unavailable: {exc}", 503)
+        log.warning("history store unavailable", extra={"error": str(exc),
+                                                        "path": request.url.path})
+        return error("history store unavailable; retry later", 503)
 
     @app.exception_handler(EventLogFull)
     async def event_log_full(request: Request, exc: EventLogFull) -> JSONResponse:

@@ -35,7 +35,7 @@ _REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
 
 
 def is_request_id(value: str) -> bool:
-    return _REQUEST_ID_RE.match(value) is not None
+    return _REQUEST_ID_RE.fullmatch(value) is not None  # match: `$` passes a final \n
 
 
 def check_request_id(value: str) -> str:
@@ -61,6 +61,7 @@ class Body(BaseModel):
 # Filters (service/serving/filters.py): field names and values as the bundle's items.json
 # "fields" has them (category, year).
 MAX_FILTER_IDS = 100_000  # an allow-list's ids at most
+MAX_EXCLUDE_IDS = 1000  # ids one /recommend may exclude (each widens the search)
 FieldName = Annotated[StrictStr, Field(min_length=1, max_length=64)]
 FieldValue = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 FieldValues = Annotated[dict[FieldName, Annotated[list[FieldValue], Field(min_length=1)]],
@@ -86,7 +87,8 @@ class RecommendRequest(Body):
     history: list[Id] | None = Field(
         None, description="recent item ids, oldest first; appended after the stored history")
     use_stored_history: bool = Field(True, description="read the user's history from the store")
-    exclude: list[Id] = Field(default_factory=list)
+    exclude: list[Id] = Field(default_factory=list, max_length=MAX_EXCLUDE_IDS,
+                              description="item ids not to recommend")
     exclude_seen: bool = Field(False, description="drop items in the history from the results")
     filter: FilterBody | None = Field(None, description=(
         "answer with the best k among the items it allows (applied inside retrieval); an "
@@ -310,12 +312,24 @@ class ErrorResponse(BaseModel):
 
 # Answers every data route may give besides its own (documented in the OpenAPI schema).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "the body is not valid UTF-8 JSON"},
+    400: {"model": ErrorResponse, "description": "the body is not valid UTF-8 JSON, or the "
+                                                 "URL is not UTF-8 once percent-decoded"},
     401: {"model": ErrorResponse, "description": "API_KEY is set and the key is missing or wrong"},
     413: {"model": ErrorResponse, "description": "the body is over MAX_BODY_BYTES"},
+    415: {"model": ErrorResponse, "description": "a body sent without Content-Type: "
+                                                 "application/json"},
     503: {"model": ErrorResponse,
           "description": "no model loaded yet, the history store is unreachable, or the event "
                          "log is full; retry later"},
+}
+
+
+# The admin routes' (service/deps.py require_admin_key).
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    401: {"model": ErrorResponse, "description": "the admin key (ADMIN_API_KEY; API_KEY when "
+                                                 "it is unset) is missing or wrong"},
+    403: {"model": ErrorResponse, "description": "the data routes' API key on an admin route"},
 }
 
 

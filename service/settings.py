@@ -9,6 +9,7 @@ Imported by the multi-worker supervisor: keep it light (no numpy, faiss, onnxrun
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -88,9 +89,21 @@ class Settings(StoreSettings):
     max_events_per_request: int = Field(1000, ge=1, description="events one `POST /events` "
                                         "request may send (above: 422)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=8192, le=1 << 20, description="a request's head (request line and "
+        "headers) over this, or over 100 header lines, gets 431 from the server "
+        "(service/http_limits.py; granian: its read buffer)")
 
     api_key: str | None = Field(None, description="unset: open; set: the data routes need it "
-                                "as `X-API-Key` or `Authorization: Bearer`")
+                                "(or `ADMIN_API_KEY`) as `X-API-Key` or `Authorization: Bearer`")
+    admin_api_key: str | None = Field(
+        None, description="set: the admin routes (`POST /items/availability`, `POST "
+        "/model/reload`, `DELETE /users/{id}/history`, `GET /model`, `GET /ab/report`) need it, "
+        "the data key is not enough; unset: they follow `API_KEY` like the data routes "
+        "([admin routes](#admin-routes))")
+    allow_open_admin: bool = Field(
+        False, description="start on a non-loopback `HOST` without `ADMIN_API_KEY` (admin routes "
+        "open, or behind `API_KEY` only); without it such a start is refused")
     reload_interval_seconds: float = Field(5.0, gt=0, description="how often each worker looks "
                                            "for a new model version")
     availability_refresh_seconds: float = Field(
@@ -165,12 +178,34 @@ class Settings(StoreSettings):
         return self
 
     @model_validator(mode="after")
+    def _admin_routes_closed_off_loopback(self) -> Settings:
+        """Refuse to listen beyond this machine with the admin routes open, unless told to."""
+        if not self.admin_api_key and not self.allow_open_admin and not is_loopback(self.host):
+            raise ValueError(
+                f"HOST={self.host} listens beyond this machine and ADMIN_API_KEY is unset: "
+                f"anyone who reaches it could mark items unavailable, reload models and delete "
+                f"any user's history. Set ADMIN_API_KEY (and API_KEY for the data routes), "
+                f"listen on 127.0.0.1, or set ALLOW_OPEN_ADMIN=true if something in front "
+                f"guards these routes.")
+        return self
+
+    @model_validator(mode="after")
     def _ab_test_is_valid(self) -> Settings:
         """Refuse A/B settings that cannot be served as meant (service/ab/ says why)."""
         check_experiment(self.ab_experiment)
         if self.ab_variants is not None:
             parse_variants(self.ab_variants, self.models_dir)
         return self
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost; anything else (0.0.0.0, ::, a name) may be reachable."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache

@@ -41,15 +41,15 @@ def parse_variants(text: str, models_dir: Path | None = None) -> list[VariantSpe
         raise ValueError("AB_VARIANTS is empty: give at least one name=model[@version][:share]")
     parsed: list[tuple[str, str, int | None, float | None]] = []
     for entry in entries:
-        match = _ENTRY.match(entry)
+        match = _ENTRY.fullmatch(entry)
         if match is None:
             raise ValueError(f"AB_VARIANTS entry {entry!r}: expected name=model[@version][:share]"
                              f", e.g. control=recommender:0.5")
         name, model = match["name"].strip(), match["model"].strip()
-        if not VARIANT_NAME.match(name):
+        if not VARIANT_NAME.fullmatch(name):
             raise ValueError(f"AB_VARIANTS entry {entry!r}: variant name {name!r} must be 1..32 "
                              f"letters, digits, '_' or '-'")
-        if not MODEL_NAME.match(model):
+        if not MODEL_NAME.fullmatch(model):
             raise ValueError(f"AB_VARIANTS entry {entry!r}: model name {model!r} must be a "
                              f"directory name in MODELS_DIR (letters, digits, '.', '_', '-')")
         version: int | None = None
@@ -102,7 +102,7 @@ def parse_variants(text: str, models_dir: Path | None = None) -> list[VariantSpe
 
 
 def check_experiment(name: str) -> str:
-    if not EXPERIMENT_NAME.match(name):
+    if not EXPERIMENT_NAME.fullmatch(name):  # match: `$` passes a final \n
         raise ValueError(f"AB_EXPERIMENT={name!r}: 1..64 letters, digits, '.', '_' or '-' (it "
                          f"is part of Redis key names)")
     return name

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
+from pydantic import Discriminator, Tag
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from service.ab.attribution import AttributionUnavailable, Claim
-from service.deps import AppState, State, require_api_key
+from service.deps import AppState, State, require_admin_key, require_api_key
 from service.schemas import (
+    ADMIN_RESPONSES,
     ERROR_RESPONSES,
     DeleteResponse,
     EventBatch,
@@ -32,13 +35,27 @@ class AnyIdConvertor(PathConvertor):
 
 register_url_convertor("anyid", AnyIdConvertor())
 
+# POST /events takes either shape; the body's own shape is validated (an object with "events"
+# is a batch), so a 422 lists what is wrong with that shape only. The tags are dropped from
+# the error locations (service/app.py): ["body", "events", 1, "item_id"].
+SHAPE_TAGS = frozenset({"one-event", "event-batch"})
+
+
+def event_shape(value: Any) -> str:
+    return "event-batch" if isinstance(value, dict) and "events" in value else "one-event"
+
+
+EventsBody = Annotated[Annotated[EventIn, Tag("one-event")] | Annotated[EventBatch,
+                                                                         Tag("event-batch")],
+                       Discriminator(event_shape)]
+
 log = logging.getLogger("service.events")
 router = APIRouter(tags=["events"], dependencies=[Depends(require_api_key)],
                    responses=ERROR_RESPONSES)
 
 
 @router.post("/events", response_model=EventsResponse)
-async def record_events(body: EventIn | EventBatch, state: State) -> EventsResponse:
+async def record_events(body: EventsBody, state: State) -> EventsResponse:
     """One event, or {"events": [...]}; a batch is stored in timestamp order."""
     incoming = body.events if isinstance(body, EventBatch) else [body]
     if len(incoming) > state.settings.max_events_per_request:
@@ -90,6 +107,8 @@ async def get_history(user_id: UserIdPath, state: State) -> HistoryResponse:
     return HistoryResponse(user_id=user_id, items=await state.store.history(user_id))
 
 
-@router.delete("/users/{user_id:anyid}/history", response_model=DeleteResponse)
+# Deleting any user's history is an admin route (ADMIN_API_KEY when set).
+@router.delete("/users/{user_id:anyid}/history", response_model=DeleteResponse,
+               dependencies=[Depends(require_admin_key)], responses=ADMIN_RESPONSES)
 async def delete_history(user_id: UserIdPath, state: State) -> DeleteResponse:
     return DeleteResponse(user_id=user_id, deleted=await state.store.delete(user_id))

@@ -9,15 +9,17 @@ the primary model (no user, so no A/B variant).
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+import re
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi import Path as PathParam
-from pydantic import StringConstraints
+from pydantic import BeforeValidator, StringConstraints
 
 from service.api import events  # noqa: F401 (registers the {x:anyid} path convertor)
-from service.deps import State, require_api_key
+from service.deps import State, require_admin_key, require_api_key
 from service.schemas import (
+    ADMIN_RESPONSES,
     ERROR_RESPONSES,
     AvailabilityChange,
     AvailabilityResponse,
@@ -32,6 +34,15 @@ log = logging.getLogger("service.items")
 router = APIRouter(tags=["items"], dependencies=[Depends(require_api_key)],
                    responses=ERROR_RESPONSES)
 
+
+def whole_number(value: Any) -> Any:
+    """k in the query follows the body's rule (a JSON integer: 3, not 3.0): digits only."""
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,9}", value):
+        raise ValueError("must be a whole number written in digits, e.g. 3 (not 3.0)")
+    return value
+
+
+QueryCount = Annotated[int, BeforeValidator(whole_number)]
 FieldPair = Annotated[str, StringConstraints(pattern=r"^[^:]+:.+$", max_length=512)]
 FieldFilters = Annotated[list[FieldPair] | None, Query(
     description="field:value, repeatable (e.g. category:Comedy); include: an item must hold "
@@ -54,7 +65,7 @@ def parse_pairs(pairs: list[str] | None) -> dict[str, list[str]]:
 async def similar_items(
     item_id: Annotated[Id, PathParam(description="the item id (may contain '/')")],
     state: State,
-    k: Annotated[int | None, Query(ge=1, description="items to return (default: "
+    k: Annotated[QueryCount | None, Query(ge=1, description="items to return (default: "
                                                      "DEFAULT_K)")] = None,
     include: FieldFilters = None,
     exclude: FieldFilters = None,
@@ -67,8 +78,8 @@ async def similar_items(
         raise invalid(("k",), f"k={k} is above the maximum {settings.max_k}", k,
                       "less_than_equal", where="query")
     model = state.models.current
-    if model is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model loaded yet")
+    if model is None:  # Retry-After and the request id: service/app.py
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no model loaded yet; retry later")
     if item_id not in model.internal:
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             f"item {item_id!r} is not in the served catalogue (model "
@@ -86,7 +97,8 @@ async def similar_items(
                for i, s, t in zip(found.item_ids, found.scores, found.titles, strict=True)])
 
 
-@router.post("/items/availability", response_model=AvailabilityResponse)
+@router.post("/items/availability", response_model=AvailabilityResponse,
+             dependencies=[Depends(require_admin_key)], responses=ADMIN_RESPONSES)
 async def change_availability(body: AvailabilityChange, state: State) -> AvailabilityResponse:
     """Mark items unavailable (recalled, sold out) or available again, in one change: every
     worker and replica stops serving them within AVAILABILITY_REFRESH_SECONDS (this one at

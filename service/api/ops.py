@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -10,10 +11,11 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.ab.attribution import AttributionUnavailable, wilson_interval
-from service.deps import ServedModel, State, require_api_key
-from service.schemas import ERROR_RESPONSES, ABReport, VariantReport
+from service.deps import ServedModel, State, require_admin_key
+from service.schemas import ADMIN_RESPONSES, ABReport, VariantReport
 from service.serving.variants import Variant
 
+log = logging.getLogger("service.ops")
 router = APIRouter(tags=["ops"])
 
 
@@ -51,7 +53,7 @@ async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/model", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+@router.get("/model", dependencies=[Depends(require_admin_key)], responses=ADMIN_RESPONSES)
 async def model_info(state: State, model: ServedModel) -> dict[str, Any]:
     """The control's model at top level (the only one without A/B); `variants`: each
     variant's model, version and refusals."""
@@ -68,8 +70,8 @@ async def model_info(state: State, model: ServedModel) -> dict[str, Any]:
                          for v in state.variants.all]}
 
 
-@router.post("/model/reload", dependencies=[Depends(require_api_key)],
-             responses=ERROR_RESPONSES)
+@router.post("/model/reload", dependencies=[Depends(require_admin_key)],
+             responses=ADMIN_RESPONSES)
 async def reload(state: State) -> dict[str, Any]:
     """Check for a newer bundle now instead of waiting for the watcher (every variant)."""
     changed = await state.variants.refresh()
@@ -82,8 +84,8 @@ async def reload(state: State) -> dict[str, Any]:
                          for v in state.variants.all}}
 
 
-@router.get("/ab/report", response_model=ABReport, dependencies=[Depends(require_api_key)],
-            responses=ERROR_RESPONSES)
+@router.get("/ab/report", response_model=ABReport,
+            dependencies=[Depends(require_admin_key)], responses=ADMIN_RESPONSES)
 async def ab_report(state: State) -> ABReport:
     """Per variant: requests served, events attributed, requests clicked and click-through,
     counted since AB_EXPERIMENT started (shared by workers and replicas with Redis)."""
@@ -91,9 +93,10 @@ async def ab_report(state: State) -> ABReport:
     try:
         counts = await state.attribution.counts(names)
     except AttributionUnavailable as exc:
-        state.metrics.ab_errors.inc()
+        state.metrics.ab_errors.inc()  # the log has the cause (it names Redis's address)
+        log.warning("A/B attribution store unavailable", extra={"error": str(exc)})
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            f"A/B attribution store unavailable: {exc}") from exc
+                            "A/B attribution store unavailable; retry later") from exc
     variants = []
     for variant in state.variants.all:
         c = counts.variants[variant.name]

@@ -22,7 +22,8 @@ MAX_ID_LENGTH = 256
 # One rule for every id, in bodies and in paths, stated in the OpenAPI schema as a pattern and
 # checked with it: kept as given (never stripped), no whitespace at either end, no control
 # characters (C0, DEL, C1). U+FEFF is listed because ECMA's \s (the schema's) has it and
-# Python's does not; otherwise the two agree.
+# Python's does not; otherwise the two agree. Python checks it with fullmatch: re.match's `$`
+# also matches before a final "\n", so "a\n" passed (issue 33); ECMA's `$` does not.
 _CONTROL = r"\x00-\x1f\x7f-\x9f"
 ID_PATTERN = rf"^[^\s\ufeff{_CONTROL}](?:[^{_CONTROL}]*[^\s\ufeff{_CONTROL}])?$"
 _ID_RE = re.compile(ID_PATTERN)
@@ -31,7 +32,7 @@ _CONTROL_RE = re.compile(f"[{_CONTROL}]")
 
 def check_id(value: str) -> str:
     """The id rule, with a message that says which part failed."""
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         if _CONTROL_RE.search(value):
             raise ValueError("must not contain control characters")
         raise ValueError("must not start or end with whitespace")

@@ -5,6 +5,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import uvicorn
@@ -51,11 +52,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """The app behind a real uvicorn server on loopback (in a thread); yields its base URL."""
+def live_server(app: FastAPI, **options: Any) -> Iterator[str]:
+    """The app behind a real uvicorn server on loopback (in a thread); yields its base URL.
+    `options`: more uvicorn settings (e.g. `service.__main__.server_options`, the limits
+    `python -m service` serves with)."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
+    config = {"log_level": "warning", "access_log": False, **options,
+              "host": "127.0.0.1", "port": port}
+    server = uvicorn.Server(uvicorn.Config(app, **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

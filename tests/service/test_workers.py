@@ -85,7 +85,8 @@ class Server:
 
 def service_env(models_dir: Path, port: int, **settings: object) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("PROMETHEUS_MULTIPROC_DIR", "REDIS_URL", "API_KEY")}
+           if k not in ("PROMETHEUS_MULTIPROC_DIR", "REDIS_URL", "API_KEY", "ADMIN_API_KEY",
+                        "ALLOW_OPEN_ADMIN")}
     env.update({"MODELS_DIR": str(models_dir), "MODEL_NAME": "tiny", "HOST": "127.0.0.1",
                 "PORT": str(port), "LOG_LEVEL": "WARNING", "RELOAD_INTERVAL_SECONDS": "0.2"})
     env.update({k.upper(): str(v) for k, v in settings.items()})

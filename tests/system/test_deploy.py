@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from service.settings import Settings
 from trainer.cli import build_parser
@@ -47,7 +48,8 @@ def test_compose_services_volumes_and_healthchecks(compose):
     assert api["build"]["dockerfile"] == "docker/service.Dockerfile"
     assert "models:/models:ro" in api["volumes"]
     assert any("/readyz" in part for part in api["healthcheck"]["test"])
-    assert "${API_PORT:-8000}:8000" in api["ports"]
+    # published on the host's loopback unless API_BIND says otherwise (.env.example)
+    assert "${API_BIND:-127.0.0.1}:${API_PORT:-8000}:8000" in api["ports"]
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
     assert api["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
     assert api["environment"]["REDIS_URL"] == "redis://redis:6379/0"
@@ -82,6 +84,25 @@ def test_compose_environment_is_valid_service_settings(compose):
     assert settings.host == "0.0.0.0" and str(settings.models_dir) == "/models"
     assert settings.workers == 2 and settings.redis_url  # both cores; workers need Redis
     assert set(k.lower() for k in env) <= set(Settings.model_fields)
+    # The keys come from the environment; without them the routes are open, which the
+    # service accepts on 0.0.0.0 only because compose says so (the port is on loopback).
+    assert env["API_KEY"] == "${API_KEY:-}" and env["ADMIN_API_KEY"] == "${ADMIN_API_KEY:-}"
+    assert settings.allow_open_admin and not settings.admin_api_key
+    with pytest.raises(ValidationError, match="ADMIN_API_KEY"):
+        Settings(**{k.lower(): v for k, v in defaults.items() if k != "ALLOW_OPEN_ADMIN"})
+
+
+def test_env_example_publishes_only_with_both_keys(compose):
+    example = dict(line.split("=", 1) for line in
+                   (ROOT / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert example["API_BIND"] == "0.0.0.0" and example["ALLOW_OPEN_ADMIN"] == "false"
+    env = compose["services"]["api"]["environment"]
+    values = {k: re.sub(r"\$\{([A-Z_]+):-([^}]*)\}", lambda m: example.get(m[1], m[2]), str(v))
+              for k, v in env.items()}
+    settings = Settings(**{k.lower(): v for k, v in values.items()})
+    assert settings.api_key and settings.admin_api_key and not settings.allow_open_admin
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
 
 
 def test_service_image_never_installs_torch_and_runs_as_non_root():

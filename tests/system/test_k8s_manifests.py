@@ -15,6 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from service.app import create_app
 from service.settings import Settings
@@ -159,12 +160,20 @@ def test_configmap_holds_real_settings_that_fit_the_pods():
     data = one("ConfigMap", "recsys-config")["data"]
     fields = {name.upper() for name in Settings.model_fields}
     assert set(data) <= fields, set(data) - fields
-    settings = Settings(**{k.lower(): v for k, v in data.items()})  # valid values too
     template = one("Deployment", "api")["spec"]["template"]
     api = container(template, "api")
     assert [e["configMapRef"]["name"] for e in api["envFrom"]] == ["recsys-config"]
     for env in api.get("env", []):
         assert env["name"] in fields, env["name"]
+    # On 0.0.0.0 the admin routes need their key: the pods take it from the Secret, which is
+    # required (without it a pod would not start anyway: the settings refuse).
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in api["env"]}
+    assert secrets["ADMIN_API_KEY"]["name"] == "recsys-secrets"
+    assert not secrets["ADMIN_API_KEY"].get("optional", False)
+    with pytest.raises(ValidationError, match="ADMIN_API_KEY"):
+        Settings(**{k.lower(): v for k, v in data.items()})
+    settings = Settings(**{k.lower(): v for k, v in data.items()},
+                        admin_api_key="from-the-secret")  # valid values too
     # The app listens where the probes and the Service knock.
     assert settings.host == "0.0.0.0"
     assert settings.port in {p["containerPort"] for p in api["ports"]}

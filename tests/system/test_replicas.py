@@ -359,7 +359,7 @@ def test_compose_replicas_profile_matches_the_tested_setup():
     port = api["environment"]["PORT"]
     assert lb["environment"] == {"LB_BIND": ":8080", "API_1_ADDR": f"api:{port}",
                                  "API_2_ADDR": f"api-2:{port}"}
-    assert lb["ports"] == ["${LB_PORT:-8080}:8080"]
+    assert lb["ports"] == ["${API_BIND:-127.0.0.1}:${LB_PORT:-8080}:8080"]  # as api's
     dockerfile = (ROOT / "docker" / "haproxy.Dockerfile").read_text()
     assert "COPY docker/haproxy.cfg /usr/local/etc/haproxy/haproxy.cfg" in dockerfile
     for name, value in lb["environment"].items():  # the image's defaults are compose's

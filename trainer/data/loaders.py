@@ -118,7 +118,7 @@ def _clean_ids(df: pd.DataFrame, path: Path | str, header: bool = True) -> pd.Da
 def check_field_names(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The declared item fields, checked: each a plain name, not reserved, given once."""
     for name in names:
-        if not FIELD_NAME.match(name):
+        if not FIELD_NAME.fullmatch(name):  # match: `$` passes a final \n
             raise DataError(f"--item-fields: bad field name {name!r} (a letter, then up to 31 "
                             "letters, digits, '_' or '-')")
         if name in RESERVED_FIELD_NAMES:

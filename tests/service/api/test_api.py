@@ -122,7 +122,7 @@ def test_ids_are_strings_only(client):
         ({"user_id": "u", "colour": "red"}, 422, "Extra inputs"),
         ({"user_id": ""}, 422, "at least 1 character"),
         ({"user_id": " "}, 422, "whitespace"),
-        ([1, 2], 422, "valid dictionary"),
+        ([1, 2], 422, "the body must be a JSON object"),
     ],
 )
 def test_bad_recommend_bodies_get_4xx_with_a_message(client, payload, status, needle):
