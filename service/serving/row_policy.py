@@ -12,10 +12,9 @@ class RowPolicy:
 
     rows: int = 0  # at most this many rows; 0: none
     size: int = 10  # items per row
-    min_support: int = 2  # history items a value needs to be a candidate
+    min_support: int = 1  # history items a value needs to be a candidate
     history_weight: float = 0.25  # 0: the model's mass alone; 1: the history's share alone
-    recency: float = 1.0  # a history item's weight is recency ** (its age in items)
-    min_ratio: float = 0.1  # a row's score is at least this share of the best row's
+    min_ratio: float = 0.02  # a row's score is at least this share of the best row's
     # None: every row `size` items; a number: the rows share rows x size items by their
     # scores, each at least this many
     min_size: int | None = 2

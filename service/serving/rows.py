@@ -8,7 +8,7 @@ label, a declared field such as brand. For one user:
    lists those history items, most recent first;
 2. each candidate's score: the model's predicted mass inside it, i.e. the share of
    softmax(score) over the list's candidates (the merged per-interest top-n) that falls on
-   items holding the value, blended with the history's (recency-weighted) share of it;
+   items holding the value, blended with the history's share of it;
 3. the best candidates become rows, at most `rows`, leaving out any whose score is below
    `min_ratio` times the best one's: a user with one taste gets one row;
 4. each row holds the model's best items inside its value (the list's score: an item's best
@@ -146,8 +146,6 @@ def candidates(history: np.ndarray, fields: Sequence[FieldLabels], list_rows: np
     if not len(recent):
         return []
     need = min(policy.min_support, len(recent))
-    weight = policy.recency ** np.arange(len(recent), dtype=np.float64)
-    weight /= weight.sum()
     mass = softmax(list_scores)
     found: list[Candidate] = []
     for labels in fields:
@@ -156,7 +154,7 @@ def candidates(history: np.ndarray, fields: Sequence[FieldLabels], list_rows: np
         eligible = np.flatnonzero(support >= need)
         if not len(eligible):
             continue
-        history_share = np.bincount(values, weights=weight[owner], minlength=len(labels.names))
+        history_share = support / len(recent)
         item_owner, item_values = labels.holders(list_rows)
         model_share = np.bincount(item_values, weights=mass[item_owner],
                                   minlength=len(labels.names))

@@ -150,7 +150,7 @@ def test_exclusions_and_filters_apply_and_an_emptied_row_gives_way(labels, vecto
     interests = np.random.default_rng(2).normal(size=(2, 8)).astype(np.float32)
     history = np.array([0, 1, 4, 5, 8, 9])
     found = candidates(history, [labels], np.arange(12), np.zeros(12),
-                       RowPolicy(rows=2, min_ratio=0.0))
+                       RowPolicy(rows=2, min_ratio=0.0, min_support=2))
     assert {c.name for c in found} == {"a", "b", "c"}
     policy = RowPolicy(rows=2, size=4)
     # Only "b" and "c" items allowed, item 9 excluded: "a" is empty and gives way.
@@ -165,7 +165,7 @@ def test_exclusions_and_filters_apply_and_an_emptied_row_gives_way(labels, vecto
 def test_rows_share_their_items_by_score_above_a_floor(labels, vectors):
     interests = np.random.default_rng(3).normal(size=(2, 8)).astype(np.float32)
     found = candidates(np.array([0, 1, 4, 5, 8, 9]), [labels], np.arange(12), np.zeros(12),
-                       RowPolicy(rows=3, min_ratio=0.0))
+                       RowPolicy(rows=3, min_ratio=0.0, min_support=2))
     scored = [replace(c, score=s) for c, s in zip(found, (0.6, 0.3, 0.1), strict=True)]
     assert row_sizes(scored, RowPolicy(size=4, min_size=None)) == [4, 4, 4]
     # 12 items: 1 each, the other 9 by 0.6 / 0.3 / 0.1 (largest remainder)
