@@ -63,6 +63,13 @@ def best_by_candidates(list_rows: np.ndarray, list_scores: np.ndarray, list_head
     return within
 
 
+def without(best: BestWithin, drop: np.ndarray) -> BestWithin:
+    """`best` among the pool less `drop` (ascending rows)."""
+    if not len(drop):
+        return best
+    return lambda pool, n: best(pool[~in_sorted(pool, drop)], n)
+
+
 def best_by_scores(scores: np.ndarray) -> BestWithin:
     """The same from every item's scores [K, N], computed once for all rows: on a small
     catalogue one product with the whole item table costs less than a search per row."""
@@ -213,17 +220,14 @@ def fill_rows(found: Sequence[Candidate], fields: Mapping[str, FieldLabels],
         if len(pool):
             pools.append((candidate, pool))
     out: list[Row] = []
-    taken = np.zeros(0, dtype=np.int64)
+    taken: list[int] = []
     for (candidate, pool), size in zip(pools, row_sizes([c for c, _ in pools], policy),
                                        strict=True):
-        if len(taken):
-            pool = pool[~in_sorted(pool, taken)]
-        if not len(pool):
-            continue
-        ids, scores, heads = best(pool, size)
+        ids, scores, heads = without(best, np.sort(np.asarray(taken, dtype=np.int64)))(
+            pool, size)
         if not len(ids):
             continue
-        taken = np.union1d(taken, ids)
+        taken += ids.tolist()
         out.append(Row(candidate, tuple(ids.tolist()), tuple(scores.astype(float).tolist()),
                        tuple(heads.tolist())))
     return out
