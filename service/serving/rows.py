@@ -10,10 +10,11 @@ label, a declared field such as brand. For one user:
    softmax(score) over the list's candidates (the merged per-interest top-n) that falls on
    items holding the value, blended with the history's share of it;
 3. the best candidates become rows, at most `rows`, leaving out any whose score is below
-   `min_ratio` times the best one's: a user with one taste gets one row;
+   `min_ratio` times the best one's: a user with one taste gets one row; the rows share
+   `rows x size` items by score, at least `min_size` each (`row_sizes`);
 4. each row holds the model's best items inside its value (the list's score: an item's best
-   inner product over the K interests), among exactly those items as a filter is (a search
-   restricted to them, or on a small catalogue the scores of every item, computed once);
+   inner product over the K interests), among exactly those items as a filter is (the list's
+   own candidates where they settle it, else a search restricted to the value's items);
    no item is in two rows, and a row left empty (a filter, exclusions) gives its place to
    the next candidate.
 
@@ -71,8 +72,8 @@ def without(best: BestWithin, drop: np.ndarray) -> BestWithin:
 
 
 def best_by_scores(scores: np.ndarray) -> BestWithin:
-    """The same from every item's scores [K, N], computed once for all rows: on a small
-    catalogue one product with the whole item table costs less than a search per row."""
+    """The same from every item's scores [K, N], computed once for all rows (the offline
+    evaluation: exact over the whole item table)."""
     best, heads = scores.max(axis=0), scores.argmax(axis=0)
 
     def within(pool: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
