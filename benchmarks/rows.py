@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from folds import compare  # noqa: E402
+from folds import compare, rows_vs_list  # noqa: E402
 
 from service.serving.row_policy import RowPolicy
 from trainer.training.checkpoint import load_checkpoint
@@ -36,9 +36,6 @@ from trainer.training.evaluate import encode_all
 from trainer.training.interests import item_clusters
 from trainer.training.loop import encode_numpy
 from trainer.training.rows_eval import MEASURED_ROWS, ROW_MEASURES, row_measures
-
-PAIRED = (("rows_recall", "list_recall_at_rows"),
-          ("rows_minority_recall", "list_minority_recall_at_rows"))
 
 
 def parse_policy(text: str) -> RowPolicy:
@@ -117,12 +114,8 @@ def main() -> None:
                      "policies": {n: vars(p) for n, p in policies.items()},
                      "means": {p: {m: float(np.nanmean(v)) for m, v in ms.items()}
                                for p, ms in arrays.items()},
-                     "rows_vs_list": {}, "pairs": {}}
-    for p, ms in arrays.items():
-        a = {"recall": ms["rows_recall"], "minority_recall": ms["rows_minority_recall"]}
-        b = {"recall": ms["list_recall_at_rows"],
-             "minority_recall": ms["list_minority_recall_at_rows"]}
-        summary["rows_vs_list"][p] = compare(a, b, folds_arr, ("recall", "minority_recall"))
+                     "pairs": {}}
+    summary["rows_vs_list"] = rows_vs_list(arrays, folds_arr)
     for x, y in itertools.combinations(arrays, 2):
         summary["pairs"][f"{x} vs {y}"] = compare(arrays[x], arrays[y], folds_arr,
                                                   ("rows_recall", "rows_minority_recall"))
