@@ -39,15 +39,15 @@ from trainer.training.rows_eval import MEASURED_ROWS, ROW_MEASURES, row_measures
 
 
 def parse_policy(text: str) -> RowPolicy:
-    """'history_weight=0.5,min_support=1' -> RowPolicy (the measured default otherwise)."""
+    """'history_weight=0.5,min_size=none' -> RowPolicy (the measured default otherwise)."""
     kinds = {f.name: f.type for f in fields(RowPolicy)}
-    values: dict[str, float | int | bool] = {}
+    values: dict[str, float | int | None] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
         if key not in kinds:
             raise SystemExit(f"--policy: unknown key {key!r}; keys: {', '.join(kinds)}")
         kind = str(kinds[key])
-        values[key] = (value.lower() in ("1", "true", "yes") if kind == "bool"
+        values[key] = (None if value.lower() == "none" and "None" in kind
                        else int(value) if kind.startswith("int") else float(value))
     return replace(MEASURED_ROWS, **values)
 
