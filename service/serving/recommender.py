@@ -131,6 +131,9 @@ class Recommender:
         self._available: tuple[int, np.ndarray] | None = None
         self._filters = ResolvedFilters()
         self._row_labels: dict[str, FieldLabels] = {}  # built on first use per field
+        # The item table as a plain array over the same mapped pages (no copy): indexing a
+        # numpy memmap goes through its Python subclass on every request.
+        self.item_vectors = np.asarray(bundle.item_vectors)
 
     def row_labels(self, names: tuple[str, ...]) -> list[FieldLabels]:
         """The fields rows may come from that this bundle carries (e.g. no ESIM labels in a
@@ -264,7 +267,7 @@ class Recommender:
         allowed items, not a post-filtered top-n (service/serving/filters.py)."""
         info = self.bundle.manifest.index
         if len(allowed) <= EXACT_FILTER_MAX_ROWS:
-            return exact_search(queries, self.bundle.item_vectors, allowed, n)
+            return exact_search(queries, self.item_vectors, allowed, n)
         self._set_search_threads()
         return restricted_search(self.bundle.index, info.kind, info.search_params, queries,
                                  allowed, n, self._filters.bitmap(allowed, self.item_count))
@@ -276,7 +279,7 @@ class Recommender:
         `unavailable` rows; `allowed`, `unavailable`: what `restrict` returned. KeyError for
         an unknown id."""
         row = self.internal[item_id] - 1
-        query = np.asarray(self.bundle.item_vectors[row : row + 1], dtype=np.float32)
+        query = np.asarray(self.item_vectors[row : row + 1], dtype=np.float32)
         gone = unavailable if unavailable is not None else np.zeros(0, dtype=np.int64)
         if allowed is not None:
             allowed = allowed[allowed != row]
@@ -296,7 +299,7 @@ class Recommender:
         """One request's [K, n] search results and its interests [K, d] -> its merged,
         post-processed list with what each interest is (weight, name), and its rows."""
         history = query.row[query.row > 0]
-        support = interest_support(interests, self.bundle.item_vectors[history - 1])
+        support = interest_support(interests, self.item_vectors[history - 1])
         shaping = query.shaping
         cosine = shaping.merge_cosine
         shown = self._rows(query, scores, rows, interests, history)
