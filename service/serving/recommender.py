@@ -33,6 +33,7 @@ from service.serving.rows import (
     FieldLabels,
     Row,
     best_by_candidates,
+    best_by_scores_lazily,
     best_by_search,
     interest_rows,
 )
@@ -302,10 +303,16 @@ class Recommender:
         support = interest_support(interests, self.item_vectors[history - 1])
         shaping = query.shaping
         cosine = shaping.merge_cosine
-        shown = self._rows(query, scores, rows, interests, history)
+        merged = None  # every candidate merged by score: the rows' mass, and the list's prefix
+        if shaping.rows.rows > 0:
+            merged = merge_interest_results(scores, rows, scores.size, query.excluded)
+        shown = self._rows(query, scores, rows, interests, history, merged)
         if cosine is None:
-            ids, best, which = merge_diverse(scores, rows, query.k, shaping.diversity,
-                                             query.excluded)
+            if merged is not None and shaping.diversity <= 0:  # merge_diverse at 0: its prefix
+                ids, best, which = (part[: query.k] for part in merged)
+            else:
+                ids, best, which = merge_diverse(scores, rows, query.k, shaping.diversity,
+                                                 query.excluded)
             weights = support / max(int(support.sum()), 1)
             merged_into = np.arange(self.num_interests)
             if shaping.copy_cosine is not None:  # a report of what the list is made of
@@ -336,21 +343,23 @@ class Recommender:
             interest_details=details, rows=shown)
 
     def _rows(self, query: Query, scores: np.ndarray, rows: np.ndarray,
-              interests: np.ndarray, history: np.ndarray) -> list[Row]:
-        """The request's interest rows (service.serving.rows): the list's candidates give the
-        model's mass per explicit interest; each row is a search among its items."""
+              interests: np.ndarray, history: np.ndarray,
+              merged: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> list[Row]:
+        """The request's interest rows (service.serving.rows): the list's candidates
+        (`merged`) give the model's mass per explicit interest and, where they settle it, a
+        row's best items; otherwise a search among the interest's items."""
         policy = query.shaping.rows
-        if policy.rows <= 0:
+        fields = self.row_labels(query.shaping.row_fields) if merged is not None else []
+        if not fields or merged is None:
             return []
-        fields = self.row_labels(query.shaping.row_fields)
-        if not fields:
-            return []
-        list_rows, list_scores, list_heads = merge_interest_results(
-            scores, rows, scores.size, query.excluded)
+        list_rows, list_scores, list_heads = merged
         # An interest with fewer than n results saw every allowed item: no bound from it.
         full = (rows >= 0).all(axis=1) & (rows.shape[1] == query.n)
         bound = float(scores[full, -1].max()) if full.any() else -np.inf
-        exact = best_by_search(lambda pool, n: self.search_rows(interests, n, pool))
+        if self.item_count <= EXACT_FILTER_MAX_ROWS:  # one product beats a search per row
+            exact = best_by_scores_lazily(lambda: interests @ self.item_vectors.T)
+        else:
+            exact = best_by_search(lambda pool, n: self.search_rows(interests, n, pool))
         best = best_by_candidates(list_rows, list_scores, list_heads, bound, exact)
         return interest_rows(history - 1, fields, list_rows, list_scores, best, policy,
                              query.excluded, query.allowed)

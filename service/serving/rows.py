@@ -71,9 +71,21 @@ def without(best: BestWithin, drop: np.ndarray) -> BestWithin:
     return lambda pool, n: best(pool[~in_sorted(pool, drop)], n)
 
 
+def best_by_scores_lazily(scores: Callable[[], np.ndarray]) -> BestWithin:
+    """`best_by_scores` over scores computed on the first call only: a request whose rows the
+    list's candidates settle never pays for them."""
+    made: list[BestWithin] = []
+
+    def within(pool: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not made:
+            made.append(best_by_scores(scores()))
+        return made[0](pool, n)
+    return within
+
+
 def best_by_scores(scores: np.ndarray) -> BestWithin:
-    """The same from every item's scores [K, N], computed once for all rows (the offline
-    evaluation: exact over the whole item table)."""
+    """The same from every item's scores [K, N], computed once for all rows (exact over the
+    whole item table: the offline evaluation, and the service's small catalogues)."""
     best, heads = scores.max(axis=0), scores.argmax(axis=0)
 
     def within(pool: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
