@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.ab.spec import check_experiment, parse_variants
-from service.bundle.format import DEFAULT_MODEL_NAME
+from service.bundle.format import CATEGORY_FIELD, DEFAULT_MODEL_NAME
 from service.serving.row_policy import RowPolicy
 from service.store.keys import EVENT_STREAM, KeyLayout
 
@@ -137,7 +137,7 @@ class Settings(StoreSettings):
     # RowPolicy's, chosen as measured in docs/results.md, "Interest rows".
     row_size: int = Field(ROWS.size, ge=1, le=100, description="items per interest row when a "
                           "request gives no `row_size`")
-    row_fields: str = Field("category", description="item fields interest rows come from, "
+    row_fields: str = Field(CATEGORY_FIELD, description="item fields interest rows come from, "
                             "comma-separated (e.g. `esim_label,category`); a field the bundle "
                             "lacks is skipped")
     row_min_support: int = Field(ROWS.min_support, ge=1, description="history items an "

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 import faiss
 import numpy as np
 
+from service.bundle.format import CATEGORY_FIELD
 from service.bundle.load import Bundle
 from service.serving.filters import (
     EXACT_FILTER_MAX_ROWS,
@@ -65,7 +66,7 @@ class Shaping:
     # Interest rows (service.serving.rows): how many (per request), their size and choice, and
     # the item fields they may come from, in order of preference for equal scores.
     rows: RowPolicy = RowPolicy()
-    row_fields: tuple[str, ...] = ("category",)
+    row_fields: tuple[str, ...] = (CATEGORY_FIELD,)
 
 
 DEFAULT_SHAPING = Shaping()
@@ -348,9 +349,10 @@ class Recommender:
         """The request's interest rows (service.serving.rows): the list's candidates
         (`merged`) give the model's mass per explicit interest and, where they settle it, a
         row's best items; otherwise a search among the interest's items."""
-        policy = query.shaping.rows
-        fields = self.row_labels(query.shaping.row_fields) if merged is not None else []
-        if not fields or merged is None:
+        if merged is None:
+            return []
+        fields = self.row_labels(query.shaping.row_fields)
+        if not fields:
             return []
         list_rows, list_scores, list_heads = merged
         # An interest with fewer than n results saw every allowed item: no bound from it.
@@ -361,7 +363,7 @@ class Recommender:
         else:
             exact = best_by_search(lambda pool, n: self.search_rows(interests, n, pool))
         best = best_by_candidates(list_rows, list_scores, list_heads, bound, exact)
-        return interest_rows(history - 1, fields, list_rows, list_scores, best, policy,
+        return interest_rows(history - 1, fields, list_rows, list_scores, best, query.shaping.rows,
                              query.excluded, query.allowed)
 
     def _popular_allowed(self, n: int, allowed: np.ndarray) -> np.ndarray:

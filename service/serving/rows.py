@@ -64,13 +64,6 @@ def best_by_candidates(list_rows: np.ndarray, list_scores: np.ndarray, list_head
     return within
 
 
-def without(best: BestWithin, drop: np.ndarray) -> BestWithin:
-    """`best` among the pool less `drop` (ascending rows)."""
-    if not len(drop):
-        return best
-    return lambda pool, n: best(pool[~in_sorted(pool, drop)], n)
-
-
 def best_by_scores_lazily(scores: Callable[[], np.ndarray]) -> BestWithin:
     """`best_by_scores` over scores computed on the first call only: a request whose rows the
     list's candidates settle never pays for them."""
@@ -221,26 +214,29 @@ def fill_rows(found: Sequence[Candidate], fields: Mapping[str, FieldLabels],
     """Up to `policy.rows` rows (`row_sizes` items each), each the best inside its interest
     among the `allowed` rows (None: all) less `excluded` and the earlier rows' items. An
     interest with nothing left to show gives its place to the next."""
-    pools = []
+    usable = []  # the candidates with something to show under the request's restrictions
     for candidate in found:
-        if len(pools) == policy.rows:
-            break
         pool = fields[candidate.field].postings[candidate.value]
         if allowed is not None:
             pool = pool[in_sorted(pool, allowed)]
         if len(excluded):
             pool = pool[~in_sorted(pool, excluded)]
         if len(pool):
-            pools.append((candidate, pool))
+            usable.append((candidate, pool))
+    sizes = row_sizes([c for c, _ in usable[: policy.rows]], policy)  # by place, best first
     out: list[Row] = []
-    taken: list[int] = []
-    for (candidate, pool), size in zip(pools, row_sizes([c for c, _ in pools], policy),
-                                       strict=True):
-        ids, scores, heads = without(best, np.sort(np.asarray(taken, dtype=np.int64)))(
-            pool, size)
+    taken = np.zeros(0, dtype=np.int64)
+    for candidate, pool in usable:
+        if len(out) == policy.rows:
+            break
+        if len(taken):
+            pool = pool[~in_sorted(pool, taken)]
+        if not len(pool):  # the earlier rows took every item it holds: the next one's turn
+            continue
+        ids, scores, heads = best(pool, sizes[len(out)])
         if not len(ids):
             continue
-        taken += ids.tolist()
+        taken = np.union1d(taken, ids)
         out.append(Row(candidate, tuple(ids.tolist()), tuple(scores.astype(float).tolist()),
                        tuple(heads.tolist())))
     return out

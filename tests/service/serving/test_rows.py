@@ -9,6 +9,7 @@ import pytest
 from service.serving.filters import exact_search
 from service.serving.retrieval import copy_groups, merge_interest_results
 from service.serving.rows import (
+    Candidate,
     FieldLabels,
     RowPolicy,
     best_by_candidates,
@@ -173,6 +174,20 @@ def test_rows_share_their_items_by_score_above_a_floor(labels, vectors):
     rows = fill_rows(scored, {"category": labels}, search_for(interests, vectors),
                      RowPolicy(rows=3, size=4, min_size=1), np.zeros(0, np.int64))
     assert [len(r.rows) for r in rows] == [4, 4, 2]  # a value holds 4 items at most
+
+
+def test_an_interest_whose_items_earlier_rows_took_gives_way(labels, vectors):
+    # "ab" holds items 3 and 4 only; rows "a" and "b" of four items each take both first.
+    interests = np.random.default_rng(6).normal(size=(2, 8)).astype(np.float32)
+    scored = [Candidate("category", labels.names.index(name), name, score, (0,))
+              for name, score in (("a", 0.5), ("b", 0.4), ("ab", 0.3), ("c", 0.2))]
+    exact = best_by_scores(interests @ vectors.T)
+    shortcut = best_by_candidates(np.arange(12), np.zeros(12, np.float32),
+                                  np.zeros(12, np.int64), np.inf, exact)  # always falls back
+    for best in (exact, shortcut):
+        rows = fill_rows(scored, {"category": labels}, best,
+                         RowPolicy(rows=3, size=4, min_size=None), np.zeros(0, np.int64))
+        assert [r.interest.name for r in rows] == ["a", "b", "c"]
 
 
 def test_no_rows_asked_or_no_history_gives_none(labels, vectors):
