@@ -65,9 +65,9 @@ def flag_options(name: str, annotation: Any, default: Any, help: str) -> dict[st
     a switch (off by default), `X | None` an optional X."""
     if get_origin(annotation) is Literal:
         return {"choices": get_args(annotation), "default": default, "help": help}
-    if annotation is bool:
-        if default is not False:
-            raise TypeError(f"TrainConfig.{name}: a CLI switch must default to False")
+    if annotation is bool:  # --x, and --no-x for a switch that is on by default
+        if default is True:
+            return {"action": argparse.BooleanOptionalAction, "default": True, "help": help}
         return {"action": "store_true", "help": help}
     if get_origin(annotation) in (Union, types.UnionType):
         inner = [arg for arg in get_args(annotation) if arg is not type(None)]

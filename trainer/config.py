@@ -9,7 +9,7 @@ line. `python -m trainer train` derives its flags from these fields (trainer/cli
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
 Backbone = Literal["comirec-sa", "comirec-dr", "mind", "sasrec", "transformer-sa"]
@@ -35,6 +35,9 @@ ESIM_LEVELS: tuple[str, ...] = get_args(EsimLevel)
 # (docs/architecture.md, "Encoders and losses"); above it the sampled softmax with logQ
 # correction is used when loss == "auto".
 FULL_SOFTMAX_MAX_ITEMS = 100_000
+
+# ComiRec's item filter (--comirec-protocol): the papers' MovieLens numbers use it.
+COMIREC_MIN_ITEM_COUNT = 5
 
 # Field metadata keys (read by trainer/cli.py).
 HELP = "help"
@@ -97,14 +100,16 @@ class TrainConfig:
     argmax_weight: float = setting(
         0.0, "with --interest-loss max: add this x ComiRec's argmax loss (the interest closest "
              "to the target scores the negatives alone), which lets interests specialise")
+    # docs/results.md, "The whole catalogue (issue 34)": the catalogue default.
     item_text: bool = setting(
-        False, "item vectors also see the items' titles and categories (MiniLM features, "
-               "projected; folded into the item table at export; "
-               "trainer/semantics/item_text.py)")
+        True, "item vectors also see the items' titles and categories (MiniLM features, "
+              "projected; folded into the item table at export; "
+              "trainer/semantics/item_text.py); off by itself where the data has no item "
+              "text")
     text_only_items: bool = setting(
-        False, "export: items of the items file without any interaction get a vector "
-               "from their text (a ridge map from MiniLM features to the trained item vectors) "
-               "and are served; marked in items.json")
+        True, "export: items of the items file without any interaction get a vector "
+              "from their text (a ridge map from MiniLM features to the trained item vectors) "
+              "and are served; marked in items.json")
     # docs/results.md, "New items from day one": 0.95 chosen on validation users.
     text_only_length: float = setting(
         0.95, "with --text-only-items: a placed item's vector length, in units of the median "
@@ -145,8 +150,12 @@ class TrainConfig:
     # docs/architecture.md, "Evaluation protocol"
     folds: int = setting(0, "user-level cross-validation: N folds (0: the 80/10/10 split)")
     fold: int = setting(0, "with --folds: test on this fold, validate on the next (0..N-1)")
-    # Sparse regimes (issue 23; docs/results.md): 1 or 2 keep the long tail ComiRec drops.
-    min_item_count: int = setting(5, "items with fewer interactions are dropped (ComiRec: 5)")
+    # docs/results.md, "The whole catalogue (issue 34)": every item with an event is served.
+    min_item_count: int = setting(1, "items with fewer interactions are dropped (1: the whole "
+                                     "catalogue; ComiRec's protocol: 5)")
+    comirec_protocol: bool = setting(
+        False, "the default before the whole catalogue, for comparison with papers: sets "
+               "--min-item-count 5 --no-item-text --no-text-only-items (ComiRec's filter)")
     min_user_count: int = setting(5, "users with fewer interactions (after the items' "
                                      "filter) are dropped", cli=False)
     train_events: int = setting(
@@ -203,6 +212,11 @@ class TrainConfig:
                "name), the same losses with the semantics broken")
 
     def __post_init__(self) -> None:
+        if self.comirec_protocol:
+            self.min_item_count, self.item_text, self.text_only_items = (
+                COMIREC_MIN_ITEM_COUNT, False, False)
+        if self.min_item_count < 1:
+            raise ValueError(f"min_item_count must be >= 1, got {self.min_item_count}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
         if self.backbone in SINGLE_INTEREST_BACKBONES:
@@ -248,6 +262,13 @@ class TrainConfig:
         for name in ("interests", "dim", "maxlen", "batch_size", "max_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def for_data(self, has_item_text: bool) -> TrainConfig:
+        """This configuration with the item-text settings off where the data has no item
+        text (they are on by default); the one a run stores."""
+        if has_item_text or not (self.item_text or self.text_only_items):
+            return self
+        return replace(self, item_text=False, text_only_items=False, shuffle_item_text=False)
 
     def split(self) -> dict[str, int]:
         """The build_dataset arguments that fix the users' split and filtering."""

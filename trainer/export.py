@@ -337,9 +337,14 @@ def publish_bundle(
     popularity = dataset.popularity()[1:]
     text_only_rows: list[int] = []
     if text_only is not None:
+        try:
+            placed = text_only_vectors(dataset, vectors, cfg.text_only_length)
+        except ValueError as exc:  # too few trained items with text to fit the map
+            log.warning("the %d items without events are not served: %s", len(text_only), exc)
+            text_only = None
+    if text_only is not None:
         # After the trained items, rows placed by their text: in the index, and in the
         # encoder's table too, so that a history holding one encodes.
-        placed = text_only_vectors(dataset, vectors, cfg.text_only_length)
         append_items(model, placed)
         text_only_rows = list(range(len(vectors), len(vectors) + len(placed)))
         vectors = np.concatenate([vectors, placed])

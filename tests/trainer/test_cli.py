@@ -264,7 +264,8 @@ CONFIG_FLAGS = {
     "--argmax-weight",  # issue 22 (an interest-distinctness candidate, 0 by default)
     "--score-dtype",  # issue 21 (auto by default: bfloat16 where the CPU has it)
     "--target-horizon",  # issue 22 (a candidate; 1, next-item training, by default)
-    "--min-item-count", "--train-events",  # issue 23: sparse regimes (5 and all by default)
+    "--min-item-count", "--train-events",  # issue 23: sparse regimes (1 and all by default)
+    "--comirec-protocol",  # issue 34: the old default (ComiRec's filter, no item text)
     "--shuffle-item-text",  # issue 23: the shuffled-label control of --item-text
     "--text-only-items", "--text-only-length",  # issue 23: new items placed by their text
     # issue 23: ESIM on the item side (0, off, by default) and its two controls
@@ -273,6 +274,7 @@ CONFIG_FLAGS = {
 OTHER_TRAIN_FLAGS = {
     "-h", "--help", "--dataset", "--data", "--items", "--item-fields", "--format", "--synthetic",
     "--run-dir",
+    "--no-item-text", "--no-text-only-items",  # issue 34: both on by default
     "--llm-base-url", "--llm-model", "--llm-cache", "--out", "--name", "--index",
     "--if-missing", "--no-progress",
 }
@@ -301,6 +303,24 @@ def test_train_flags_are_the_config_fields_with_their_defaults():
         assert args[flag[2:].replace("-", "_")] == getattr(cfg, name), flag
     # the two flags not named after their field keep their dest names
     assert args["epochs"] == cfg.max_epochs and args["llm_budget"] is None
+
+
+def test_the_catalogue_is_the_default_and_the_comirec_protocol_one_flag_away():
+    from trainer.cli import build_parser, config_from_args
+
+    default = config_from_args(build_parser().parse_args(["train"]))
+    assert (default.min_item_count, default.item_text, default.text_only_items) == (1, True, True)
+    old = config_from_args(build_parser().parse_args(["train", "--comirec-protocol"]))
+    assert (old.min_item_count, old.item_text, old.text_only_items) == (5, False, False)
+    assert TrainConfig.from_dict(old.to_dict()) == old  # a stored config reads back the same
+    off = config_from_args(build_parser().parse_args(["train", "--no-item-text"]))
+    assert (off.min_item_count, off.item_text, off.text_only_items) == (1, False, True)
+    # without item text in the data, the text settings are off in what the run stores
+    assert default.for_data(has_item_text=False).item_text is False
+    assert default.for_data(has_item_text=False).text_only_items is False
+    assert default.for_data(has_item_text=True) == default
+    with pytest.raises(ValueError, match="min_item_count"):
+        TrainConfig(min_item_count=0)
 
 
 def test_every_config_field_has_a_flag_or_is_marked_off_the_cli():

@@ -145,6 +145,12 @@ class SequenceDataset:
             targets.append(pd.unique(rest))
         return EvalSplit(self.histories(users, cut, maxlen), targets, users)
 
+    def has_item_text(self) -> bool:
+        """Whether any item has a title or a category (an items file): what `--item-text`
+        reads."""
+        return bool(any(str(t).strip() for t in self.titles[1:])
+                    or any(str(c).strip() for c in self.categories[1:]))
+
     def describe(self) -> dict:
         return {
             "name": self.name,
@@ -187,10 +193,11 @@ def split_users(n_users: int, seed: int, folds: int = 0, fold: int = 0
 
 
 def build_dataset(
-    raw: RawData, *, min_item_count: int = 5, min_user_count: int = 5, split_seed: int = 0,
+    raw: RawData, *, min_item_count: int = 1, min_user_count: int = 5, split_seed: int = 0,
     folds: int = 0, fold: int = 0, train_events: int = 0,
 ) -> SequenceDataset:
-    """ComiRec filtering (items >= 5, then users >= 5), id mapping, and the user split:
+    """Filtering (items >= `min_item_count`, 1 keeps every item with an event; then users
+    >= `min_user_count`), id mapping, and the user split:
     80/10/10, or fold `fold` of `folds`-fold cross-validation (`split_users`).
     `train_events` > 0 keeps only the first that many events of every training user (a
     sparse-behaviour regime; the filters count the whole data, so the catalogue and the

@@ -131,6 +131,9 @@ def train_run(cfg: TrainConfig, spec: dict[str, Any], *, run_dir: Path | None = 
     raw = load_spec(spec)
     dataset = build_dataset(raw, **cfg.split())
     log.info("dataset %s", json.dumps(dataset.describe()))
+    if cfg.item_text and not dataset.has_item_text():
+        log.info("the data has no item text (no items file): training without it")
+    cfg = cfg.for_data(dataset.has_item_text())
     if run_dir is None:
         run_dir = default_run_dir(dataset.name, cfg)
     if distributed.is_main():  # before training, so a bad location fails in seconds, not hours

@@ -123,3 +123,15 @@ def test_shuffled_control_permutes_texts_among_items():
     assert moved.mean() > 0.9  # items mostly carry another item's text
     assert np.array_equal(shuffled_rows(table, seed=0), shuffled)  # seeded
     assert not np.array_equal(shuffled_rows(table, seed=1), shuffled)
+
+
+def test_minilm_encodes_in_length_order_and_answers_in_the_callers_order(sentence_encoder):
+    # Batches are formed by token length (less padding); the rows still follow the input.
+    texts = ["Heat (1995). Action, Crime, Thriller", "Up", "a much longer title " * 6, "Up",
+             "Toy Story (1995). Adventure, Animation, Children, Comedy, Fantasy"]
+    together = sentence_encoder.encode(texts, batch_size=2)
+    alone = np.concatenate([sentence_encoder.encode([t]) for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    np.testing.assert_allclose(together[1], together[3], atol=1e-5)
+    assert not np.allclose(together[0], together[1])
+    assert sentence_encoder.encode([]).shape == (0, SEMANTIC_DIM)

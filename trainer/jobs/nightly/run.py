@@ -53,6 +53,7 @@ def run_nightly(opts: NightlyOptions) -> dict[str, Any]:
 
         dataset = build_dataset(load_spec(spec), **cfg.split())
         report["dataset"] = dataset.describe()
+        cfg = cfg.for_data(dataset.has_item_text())
         # A served ESIM model is retrained with ESIM; the LLM answers come from the cache
         # for typical users asked before.
         result = train(dataset, cfg, progress=opts.progress,
