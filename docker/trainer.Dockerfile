@@ -23,7 +23,8 @@ RUN useradd --create-home --uid 10001 recsys && mkdir -p /models /data \
     && chown recsys:recsys /models /data
 USER recsys
 
-# LLM answers for ESIM are cached on the data volume, so the nightly job does not ask twice;
+# LLM answers for ESIM and the items' MiniLM table are cached on the data volume, so the
+# nightly job does not compute them twice;
 # model weights come from installed packages, never from a hub.
 # Everything the trainer writes goes to the volumes (/app is root-owned): run directories
 # (checkpoints, metrics) under /data/runs.
@@ -32,6 +33,7 @@ ENV MODELS_DIR=/models \
     DATA_DIR=/data \
     RUNS_DIR=/data/runs \
     LLM_CACHE_DIR=/data/llm-cache \
+    ITEM_TEXT_CACHE_DIR=/data/item-text-cache \
     HF_HUB_OFFLINE=1
 
 # The compose file runs either the first training (if the store is empty) or the nightly job.

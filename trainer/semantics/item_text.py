@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,11 @@ from trainer.semantics.text_encoder import SentenceEncoder
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = Path(".cache/item-text")
+CACHE_DIR_ENV = "ITEM_TEXT_CACHE_DIR"  # where the table is cached (docker: the data volume)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV) or ".cache/item-text")
 
 
 def item_sentence(title: str, year: float, categories: str) -> str:
@@ -44,7 +49,7 @@ def item_sentences(dataset: SequenceDataset) -> list[str]:
 
 
 def item_text_features(dataset: SequenceDataset, encoder: SentenceEncoder | None = None,
-                       cache_dir: Path | None = CACHE_DIR) -> np.ndarray:
+                       cache_dir: Path | None = None) -> np.ndarray:
     """[N + 1, 384] float32, L2-normalised rows; row 0 (padding) and items without any text
     are zero, so they get no text component."""
     return np.concatenate([np.zeros((1, SEMANTIC_DIM), np.float32),
@@ -52,12 +57,14 @@ def item_text_features(dataset: SequenceDataset, encoder: SentenceEncoder | None
 
 
 def sentence_features(sentences: list[str], encoder: SentenceEncoder | None = None,
-                      cache_dir: Path | None = CACHE_DIR) -> np.ndarray:
+                      cache_dir: Path | None = None) -> np.ndarray:
     """[len(sentences), 384] MiniLM vectors, zero for an empty sentence; cached on disk by
-    the sentences' hash."""
+    the sentences' hash (in `cache_dir`, default $ITEM_TEXT_CACHE_DIR or .cache/item-text; a
+    cache that cannot be written is only a warning)."""
+    cache_dir = cache_dir or default_cache_dir()
     key = "s-" + hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:30]
-    path = cache_dir / f"{key}.npy" if cache_dir is not None else None
-    if path is not None and path.is_file():
+    path = cache_dir / f"{key}.npy"
+    if path.is_file():
         table = np.load(path)
         if table.shape == (len(sentences), SEMANTIC_DIM):
             return table
@@ -67,11 +74,14 @@ def sentence_features(sentences: list[str], encoder: SentenceEncoder | None = No
     if has_text.any():
         texts = [s for s, keep in zip(sentences, has_text, strict=True) if keep]
         table[has_text] = (encoder or SentenceEncoder()).encode(texts)
-    if path is not None:
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, table)
         tmp.replace(path)  # atomic: a parallel fold never reads half a file
+    except OSError as exc:
+        log.warning("item-text cache not written (%s); set %s to a writable folder", exc,
+                    CACHE_DIR_ENV)
     return table
 
 

@@ -58,6 +58,21 @@ def test_features_are_cached_by_text_and_items_without_text_get_zeros(tiny_datas
     assert len(item_sentences(dataset)) == dataset.n_items
 
 
+def test_the_cache_folder_comes_from_the_environment_and_an_unwritable_one_only_warns(
+        tiny_dataset, tmp_path, monkeypatch, caplog):
+    from trainer.semantics.item_text import CACHE_DIR_ENV
+
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    table = item_text_features(tiny_dataset, CountingEncoder())
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")  # mkdir fails here even for root
+    monkeypatch.setenv(CACHE_DIR_ENV, str(blocked / "cache"))
+    encoder = CountingEncoder()
+    assert np.array_equal(item_text_features(tiny_dataset, encoder), table)
+    assert encoder.calls == 1 and CACHE_DIR_ENV in caplog.text
+
+
 def text_model(n_items: int, backbone: str = "transformer-sa"):
     torch.manual_seed(0)
     model = build_encoder(n_items, TrainConfig(backbone=backbone, dim=16, item_text=True))
