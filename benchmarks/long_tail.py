@@ -231,13 +231,14 @@ def run_fold(fold: int, folds: int, seed: int, threads: int) -> dict:
 
 
 def choose_rule(valid: dict[str, dict[str, float]]) -> str:
-    """On validation: the placement and blend with the best new-item recall among those that
-    keep overall Recall@50 within TOLERANCE of the catalogue without new items; else the one
-    with the best overall recall."""
+    """On validation: among what the product can serve (either placement; new items on score
+    alone, or in SLOTS places ranked by the model's score, NEW_ITEM_SHARE), the rule with the
+    best new-item recall among those that keep overall Recall@50 within TOLERANCE of the
+    catalogue without new items; else the one with the best overall recall. (The text blends
+    are measured beside, for the record: serving has no item text.)"""
     floor = valid["new_no_new_items"]["recall@50"] - TOLERANCE
-    rules = [rule_name(p, g) for p in PLACEMENTS for g in BLENDS]
-    rules += [slot_rule_name(p, g, m) for p in PLACEMENTS for g in SLOT_BLENDS for m in SLOTS
-              if slot_rule_name(p, g, m) in valid]
+    rules = [rule_name(p, 0.0) for p in PLACEMENTS]
+    rules += [slot_rule_name(p, 0.0, m) for p in PLACEMENTS for m in SLOTS]
     keeping = [r for r in rules if valid[r]["recall@50"] >= floor]
     if keeping:
         return max(keeping, key=lambda r: valid[r]["new_item_recall@50"])

@@ -343,7 +343,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rows=RowPolicy(size=settings.row_size, min_support=settings.row_min_support,
                            history_weight=settings.row_history_weight,
                            min_ratio=settings.row_min_ratio, min_size=settings.row_min_size),
-            row_fields=tuple(f.strip() for f in settings.row_fields.split(",") if f.strip())))
+            row_fields=tuple(f.strip() for f in settings.row_fields.split(",") if f.strip()),
+            new_item_share=settings.new_item_share))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -111,6 +111,9 @@ class RecommendedItem(BaseModel):
     interest: int | None = Field(description="index of the interest it came from; "
                                              "null for the popularity fallback")
     title: str | None = None
+    new: bool = Field(False, description="an item without any event yet, placed by its text "
+                                         "(NEW_ITEM_SHARE gives such items the list's last "
+                                         "places)")
 
 
 class InterestSummary(BaseModel):
@@ -184,14 +187,17 @@ class FastJSONResponse(Response):
 
 def recommend_body(result: Recommendation, *, user_id: str, variant: str, request_id: str,
                    model_name: str, model_version: int, history_source: str, degraded: bool,
-                   ids: np.ndarray, titles: np.ndarray) -> dict[str, Any]:
-    """A RecommendResponse as plain JSON types (keys and order as the model's)."""
+                   ids: np.ndarray, titles: np.ndarray, is_new: np.ndarray) -> dict[str, Any]:
+    """A RecommendResponse as plain JSON types (keys and order as the model's); `ids`,
+    `titles`, `is_new`: the bundle's, by row."""
     return {
         "user_id": user_id, "variant": variant, "request_id": request_id,
         "model_name": model_name, "model_version": model_version,
-        "items": [{"item_id": i, "score": s, "interest": w, "title": t or None}
-                  for i, s, w, t in zip(result.item_ids, result.scores, result.interests,
-                                        result.titles, strict=True)],
+        "items": [{"item_id": i, "score": s, "interest": w, "title": t or None, "new": n}
+                  for i, s, w, t, n in zip(result.item_ids, result.scores, result.interests,
+                                           result.titles,
+                                           result.new or [False] * len(result.item_ids),
+                                           strict=True)],
         "interests": [{"interest": i, "items": c, "weight": float(d.weight), "name": d.name,
                        "confidence": None if d.confidence is None else float(d.confidence),
                        "merged_into": d.merged_into, "dropped": d.dropped}
@@ -200,12 +206,13 @@ def recommend_body(result: Recommendation, *, user_id: str, variant: str, reques
         "fallback": result.fallback, "history_source": history_source,
         "history_length": result.used_history, "unknown_items": result.unknown_items,
         "degraded": degraded,
-        "rows": [row_body(row, ids, titles) for row in result.rows],
+        "rows": [row_body(row, ids, titles, is_new) for row in result.rows],
     }
 
 
-def row_body(row: Row, ids: np.ndarray, titles: np.ndarray) -> dict[str, Any]:
-    """An InterestRow as plain JSON types; `ids`, `titles`: the bundle's, by row."""
+def row_body(row: Row, ids: np.ndarray, titles: np.ndarray, is_new: np.ndarray
+             ) -> dict[str, Any]:
+    """An InterestRow as plain JSON types; `ids`, `titles`, `is_new`: the bundle's, by row."""
     interest = row.interest
     because = np.asarray(interest.because, dtype=np.int64)
     return {
@@ -213,9 +220,10 @@ def row_body(row: Row, ids: np.ndarray, titles: np.ndarray) -> dict[str, Any]:
         "source": interest.field, "confidence": interest.score,
         "because": ids[because].tolist(),
         "because_titles": [t or None for t in titles[because].tolist()],
-        "items": [{"item_id": i, "score": s, "interest": h, "title": t or None}
-                  for i, s, h, t in zip(ids[list(row.rows)].tolist(), row.scores, row.heads,
-                                        titles[list(row.rows)].tolist(), strict=True)],
+        "items": [{"item_id": i, "score": s, "interest": h, "title": t or None, "new": n}
+                  for i, s, h, t, n in zip(ids[list(row.rows)].tolist(), row.scores, row.heads,
+                                           titles[list(row.rows)].tolist(),
+                                           is_new[list(row.rows)].tolist(), strict=True)],
     }
 
 

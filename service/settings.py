@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.ab.spec import check_experiment, parse_variants
 from service.bundle.format import CATEGORY_FIELD, DEFAULT_MODEL_NAME
-from service.serving.row_policy import RowPolicy
+from service.serving.row_policy import NEW_ITEM_SHARE, RowPolicy
 from service.store.keys import EVENT_STREAM, KeyLayout
 
 ROWS = RowPolicy()  # interest rows' defaults
@@ -151,6 +151,12 @@ class Settings(StoreSettings):
     row_min_size: int | None = Field(ROWS.min_size, ge=1, description="the rows share `rows x "
                                      "row_size` items by their scores, at least this many each; "
                                      "unset: `row_size` each")
+    # docs/results.md, "The whole catalogue (issue 34)": chosen on validation users.
+    new_item_share: float = Field(NEW_ITEM_SHARE, ge=0, le=0.5, description="the share of a "
+                                  "list (rounded: k x share places, at its end) given to the "
+                                  "best new items (no event yet, placed by their text at "
+                                  "export) by the model's score, unless it holds that many "
+                                  "already; 0: new items compete on score alone")
     min_name_confidence: float | None = Field(None, ge=-1, le=1, description="name an interest "
                                               "only at this confidence; unset: the bundle's "
                                               "calibrated threshold")

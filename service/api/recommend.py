@@ -100,7 +100,7 @@ async def answer(body: RecommendRequest, state: State) -> FastJSONResponse:
         result, user_id=body.user_id, variant=variant.name, request_id=request_id,
         model_name=model.name, model_version=model.version,
         history_source="+".join(sources) or "none", degraded=degraded,
-        ids=model.bundle.item_ids, titles=model.bundle.titles))
+        ids=model.bundle.item_ids, titles=model.bundle.titles, is_new=model.bundle.is_new))
 
 
 async def remember(state: AppState, request_id: str, user_id: str, variant: str,

@@ -12,6 +12,7 @@ is what makes mapping them safe: deleting a mapped file keeps its pages alive un
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -60,6 +61,16 @@ class Bundle:
     # Arrays that back the session's mapped initializers: they must outlive the session.
     pinned: tuple[Any, ...] = ()
     naming: NamingTables | None = None  # bundles trained with ESIM
+    # Items without any event, placed by their text at export (items.json `text_only`):
+    # ascending rows, and the same as a mask by row.
+    text_only_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @functools.cached_property
+    def is_new(self) -> np.ndarray:
+        """[N] bool: the text-only rows (computed once per bundle)."""
+        mask = np.zeros(len(self.item_ids), dtype=bool)
+        mask[self.text_only_rows] = True
+        return mask
 
     @property
     def version(self) -> int:
@@ -132,6 +143,7 @@ def load_bundle(path: Path | str, threads: int = 1, verify: bool = True,
         fields = {str(name): {str(value): np.asarray(rows, dtype=np.int64)
                               for value, rows in values.items()}
                   for name, values in (items.get("fields") or {}).items()}
+        text_only = np.unique(np.asarray(items.get("text_only") or [], dtype=np.int64))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError,
             UnicodeDecodeError) as exc:
         raise BundleError(f"{path / ITEMS}: unreadable id map ({exc})") from exc
@@ -142,9 +154,12 @@ def load_bundle(path: Path | str, threads: int = 1, verify: bool = True,
             if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= n)):
                 raise BundleError(f"{path / ITEMS}: field {name!r} value {value!r} lists rows "
                                   f"outside the catalogue of {n}")
+    if len(text_only) and (text_only[0] < 0 or text_only[-1] >= n):
+        raise BundleError(f"{path / ITEMS}: `text_only` lists rows outside the catalogue of {n}")
     naming = read_naming(path, d) if NAMING in manifest.files else None
     bundle = Bundle(path, manifest, session, index, vectors, item_ids, titles, popularity,
-                    fields=fields, mapped=tuple(mapped), pinned=tuple(pinned), naming=naming)
+                    fields=fields, mapped=tuple(mapped), pinned=tuple(pinned), naming=naming,
+                    text_only_rows=text_only)
     smoke_test(bundle)
     return bundle
 

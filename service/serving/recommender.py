@@ -29,7 +29,7 @@ from service.serving.retrieval import (
     merge_diverse,
     merge_interest_results,
 )
-from service.serving.row_policy import RowPolicy
+from service.serving.row_policy import NEW_ITEM_SHARE, RowPolicy
 from service.serving.rows import (
     FieldLabels,
     Row,
@@ -67,6 +67,10 @@ class Shaping:
     # the item fields they may come from, in order of preference for equal scores.
     rows: RowPolicy = RowPolicy()
     row_fields: tuple[str, ...] = (CATEGORY_FIELD,)
+    # New items (no event yet, placed by their text at export): the list's last
+    # round(k x share) places go to the best of them by the model's score, unless the list
+    # holds that many already (docs/architecture.md, "New items in the list").
+    new_item_share: float = NEW_ITEM_SHARE
 
 
 DEFAULT_SHAPING = Shaping()
@@ -94,6 +98,7 @@ class Recommendation:
     interest_counts: list[int] = field(default_factory=list)
     interest_details: list[InterestDetail] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)  # interest rows, when asked for
+    new: list[bool] = field(default_factory=list)  # per item: without any event yet
 
 
 @dataclass
@@ -326,6 +331,7 @@ class Recommender:
         else:
             weights, merged_into = adapt_interests(interests, support, cosine)
             ids, best, which = merge_by_share(scores, rows, query.k, weights, query.excluded)
+        ids, best, which = self._with_new_items(query, interests, ids, best, which)
         names = (self.namer.name(interests, shaping.min_name_confidence)
                  if self.namer is not None else [(None, None)] * self.num_interests)
         details = []
@@ -341,7 +347,33 @@ class Recommender:
             scores=best.astype(float).tolist(),
             interests=which.tolist(), fallback=False, used_history=query.used_history,
             unknown_items=query.unknown_items, interest_counts=counts,
-            interest_details=details, rows=shown)
+            interest_details=details, rows=shown, new=self.bundle.is_new[ids].tolist())
+
+    def _with_new_items(self, query: Query, interests: np.ndarray, ids: np.ndarray,
+                        best: np.ndarray, which: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The list with its last round(k x new_item_share) places given to the best-scoring
+        new items (the model's score; filters and exclusions apply), unless it holds that many
+        already: an item nobody has chosen yet earns its first events only by being shown."""
+        new_rows = self.bundle.text_only_rows
+        slots = round(query.k * query.shaping.new_item_share)
+        is_new = self.bundle.is_new[ids]
+        missing = slots - int(is_new.sum())
+        if missing <= 0 or not len(new_rows):
+            return ids, best, which
+        pool = new_rows if query.allowed is None else np.intersect1d(new_rows, query.allowed)
+        pool = pool[~np.isin(pool, query.excluded) & ~np.isin(pool, ids)]
+        if not len(pool):
+            return ids, best, which
+        scores, rows = self.search_rows(interests, min(missing, len(pool)), pool)
+        new_ids, new_best, new_which = merge_interest_results(scores, rows, missing)
+        # Make room at the end of the list, never by dropping a new item already there.
+        drop = max(0, len(ids) + len(new_ids) - query.k)
+        keep = np.ones(len(ids), dtype=bool)
+        others = np.flatnonzero(~is_new)
+        keep[others[max(0, len(others) - drop):]] = False
+        return (np.concatenate([ids[keep], new_ids]), np.concatenate([best[keep], new_best]),
+                np.concatenate([which[keep], new_which]))
 
     def _rows(self, query: Query, scores: np.ndarray, rows: np.ndarray,
               interests: np.ndarray, history: np.ndarray,
@@ -390,4 +422,5 @@ class Recommender:
             scores=self.bundle.popularity[rows].astype(float).tolist(),
             interests=[None] * len(rows), fallback=True, used_history=0, unknown_items=unknown,
             interest_counts=[0] * self.num_interests,
-            interest_details=[InterestDetail(0.0, None, False)] * self.num_interests)
+            interest_details=[InterestDetail(0.0, None, False)] * self.num_interests,
+            new=self.bundle.is_new[rows].tolist())

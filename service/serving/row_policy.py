@@ -18,3 +18,9 @@ class RowPolicy:
     # None: every row `size` items; a number: the rows share rows x size items by their
     # scores, each at least this many
     min_size: int | None = 2
+
+
+# The list's share of places for new items (no event yet, placed by their text): see
+# Shaping.new_item_share; chosen on validation users (docs/results.md, "The whole catalogue
+# (issue 34)").
+NEW_ITEM_SHARE = 0.04

@@ -93,3 +93,33 @@ def test_new_items_sit_with_their_topic_and_are_served(text_only_bundle):
     without = bundle.encode(np.array([[0] * 12 + [dataset.item_ids.tolist().index(h)
                                                   for h in history]]))
     assert not np.allclose(with_new, without)  # its vector goes into the interests
+
+
+def test_new_items_take_the_lists_last_places_by_the_models_score(text_only_bundle):
+    from service.serving.recommender import Shaping
+
+    path, dataset, topic = text_only_bundle
+    bundle = load_bundle(path)
+    recommender = Recommender(bundle)
+    history = dataset.item_ids[np.flatnonzero(topic == 3)[:8]].tolist()
+    off = recommender.recommend(history, 20, shaping=Shaping(new_item_share=0))
+    on = recommender.recommend(history, 20, shaping=Shaping(new_item_share=0.25))  # 5 places
+    assert on.new == bundle.is_new[[recommender.internal[i] - 1 for i in on.item_ids]].tolist()
+    assert len(on.item_ids) == 20 and sum(on.new) == max(5, sum(off.new))
+    # The model's own list keeps its order; the new items it lacked come last, best first.
+    kept = [i for i in on.item_ids if i in off.item_ids]
+    assert kept == off.item_ids[: len(kept)]
+    added = on.item_ids[len(kept):]
+    assert added and all(i.startswith("new-") for i in added)
+    assert on.scores[len(kept):] == sorted(on.scores[len(kept):], reverse=True)
+    everything = recommender.recommend(history, bundle.manifest.item_count,
+                                       shaping=Shaping(new_item_share=0))
+    new_by_score = [i for i in everything.item_ids if i.startswith("new-")]
+    assert added == [i for i in new_by_score if i not in off.item_ids][: len(added)]
+    # Exclusions hold for the new places too; a share that rounds to nothing adds none.
+    excluded = recommender.recommend(history, 20, exclude=added[:1],
+                                     shaping=Shaping(new_item_share=0.25))
+    assert added[0] not in excluded.item_ids and sum(excluded.new) == sum(on.new)
+    few = recommender.recommend(history, 3, shaping=Shaping(new_item_share=0.1))
+    assert few.item_ids == recommender.recommend(history, 3,
+                                                 shaping=Shaping(new_item_share=0)).item_ids
