@@ -37,7 +37,7 @@ from service.bundle.naming_files import NamingTables, write_naming
 from trainer.config import TrainConfig
 from trainer.data.dataset import SequenceDataset
 from trainer.encoders.base import MultiInterestEncoder
-from trainer.semantics.text_only import text_only_vectors
+from trainer.semantics.text_only import TextPath, text_only_vectors
 from trainer.training.evaluate import encode_all
 from trainer.training.loop import encode_numpy
 
@@ -325,6 +325,11 @@ def publish_bundle(
     ships the interest vocabulary and projection so the service can name interests."""
     text_only = (dataset.text_only if cfg.text_only_items and dataset.text_only is not None
                  and len(dataset.text_only) else None)
+    text_path = None  # the model's own text path, which places new items (--item-text)
+    if model.text_projection is not None:
+        with torch.no_grad():
+            text_path = TextPath(model.text_projection.weight.numpy().copy(),
+                                 model.item_embedding.weight[1:].numpy().copy())
     if model.text_projection is not None or text_only is not None:
         model = copy.deepcopy(model)  # the caller's model stays as trained
         model.fold_item_text()  # the served encoder keeps one plain item table
@@ -338,7 +343,7 @@ def publish_bundle(
     text_only_rows: list[int] = []
     if text_only is not None:
         try:
-            placed = text_only_vectors(dataset, vectors, cfg.text_only_length)
+            placed = text_only_vectors(dataset, vectors, cfg.text_only_length, text_path)
         except ValueError as exc:  # too few trained items with text to fit the map
             log.warning("the %d items without events are not served: %s", len(text_only), exc)
             text_only = None

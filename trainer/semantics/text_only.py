@@ -2,15 +2,19 @@
 vector from their text at export, so that they can be recommended from day one
 (docs/architecture.md, "Data": "Text-only items").
 
-The vector is a ridge map from the items' MiniLM text features to the trained item vectors,
-fitted on the items seen often enough for their vectors to mean something, its strength
-chosen on a held-out tenth of them. Any backbone works, with or without `--item-text`: the map
-reads the finished item table.
+A model trained with item text (the default) places them through its own text path: the
+projected MiniLM features plus the mean id embedding of the rarest fitted items (chosen over
+the ridge map on validation users: docs/results.md, "The whole catalogue (issue 34)").
+Without item text, the vector is a ridge map from the items' MiniLM text features to the
+trained item vectors, fitted on the items seen often enough for their vectors to mean
+something, its strength chosen on a held-out tenth of them. Either way the placed vectors
+get one length (`--text-only-length`).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,6 +26,16 @@ log = logging.getLogger(__name__)
 # Items with at least this many training interactions teach the map (rarer ones are noise).
 MIN_FIT_COUNT = 5
 RIDGE_STRENGTHS = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+@dataclass(frozen=True)
+class TextPath:
+    """What `--item-text` adds to an item's vector: projection [d, 384] (the model's
+    text_projection weight) applied to its MiniLM features, plus its id embedding
+    (id_embeddings [N, d], row i = internal id i + 1)."""
+
+    projection: np.ndarray
+    id_embeddings: np.ndarray
 
 
 def fit_text_map(features: np.ndarray, vectors: np.ndarray, seed: int = 0
@@ -52,12 +66,14 @@ def text_only_sentences(items: TextOnlyItems) -> list[str]:
 
 
 def text_only_vectors(dataset: SequenceDataset, item_vectors: np.ndarray,
-                      length: float | None = None) -> np.ndarray:
+                      length: float | None = None, text_path: TextPath | None = None
+                      ) -> np.ndarray:
     """[C, d] vectors of the dataset's text-only items from `item_vectors` [N, d] (row i is
-    internal id i + 1): the map's direction, and `length` times the median norm of the
-    rarest fitted items (MIN_FIT_COUNT to twice that many interactions: the prior of an item
-    nobody chose yet); None keeps the map's own length (ridge shrinks towards the mean
-    item)."""
+    internal id i + 1): through `text_path` when the model has one (its projected text plus
+    the mean id embedding of the rarest fitted items), else the ridge map's direction; then
+    `length` times the median norm of the rarest fitted items (MIN_FIT_COUNT to twice that
+    many interactions: the prior of an item nobody chose yet); None keeps the vector's own
+    length (ridge shrinks towards the mean item)."""
     assert dataset.text_only is not None
     warm = item_text_features(dataset)[1:]
     popularity = dataset.popularity()[1:]
@@ -65,17 +81,21 @@ def text_only_vectors(dataset: SequenceDataset, item_vectors: np.ndarray,
     if fit.sum() < 20:
         raise ValueError(f"only {int(fit.sum())} items with text and >= {MIN_FIT_COUNT} "
                          f"interactions: too few to place text-only items")
-    weights, strength = fit_text_map(warm[fit], item_vectors[fit])
+    rare = fit & (popularity < 2 * MIN_FIT_COUNT)
+    rare = rare if rare.any() else fit
     cold = sentence_features(text_only_sentences(dataset.text_only))
-    placed = np.hstack([cold, np.ones((len(cold), 1), np.float32)]) @ weights
+    if text_path is not None:
+        placed = cold @ text_path.projection.T + text_path.id_embeddings[rare].mean(axis=0)
+        log.info("text-only items: %d placed through the model's text projection", len(cold))
+    else:
+        weights, strength = fit_text_map(warm[fit], item_vectors[fit])
+        placed = np.hstack([cold, np.ones((len(cold), 1), np.float32)]) @ weights
+        log.info("text-only items: %d placed by a ridge map (strength %g) fitted on %d items",
+                 len(cold), strength, int(fit.sum()))
     # An item vector's length carries its popularity; the text says nothing about that, so
     # the length is a setting (--text-only-length), chosen on validation users
-    # (benchmarks/new_items.py).
+    # (benchmarks/long_tail.py).
     if length is not None:
-        rare = fit & (popularity < 2 * MIN_FIT_COUNT)
-        norm = length * float(np.median(np.linalg.norm(item_vectors[rare if rare.any()
-                                                                    else fit], axis=1)))
+        norm = length * float(np.median(np.linalg.norm(item_vectors[rare], axis=1)))
         placed *= norm / np.maximum(np.linalg.norm(placed, axis=1, keepdims=True), 1e-12)
-    log.info("text-only items: %d placed by a ridge map (strength %g) fitted on %d items",
-             len(cold), strength, int(fit.sum()))
     return placed.astype(np.float32)

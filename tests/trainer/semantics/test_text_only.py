@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from service.bundle.load import load_bundle
 from service.serving.recommender import Recommender
@@ -36,9 +37,10 @@ def test_ridge_map_recovers_a_linear_relation():
 
 @pytest.fixture(scope="module")
 def text_only_bundle(tiny_dataset, tmp_path_factory):
-    """A tiny model (trained long enough for its item vectors to follow the topics) published
-    with topic texts and one text-only item per topic."""
-    cfg = TrainConfig(max_epochs=10, eval_every=10, dim=16, seed=0)
+    """A tiny model without item text (trained long enough for its item vectors to follow the
+    topics; new items placed by the ridge map) published with topic texts and one text-only
+    item per topic."""
+    cfg = TrainConfig(max_epochs=10, eval_every=10, dim=16, seed=0, item_text=False)
     result = train(tiny_dataset, cfg, progress=False)
     topic = np.array([int(c.removeprefix("topic-")) if c else 0
                       for c in tiny_dataset.categories])
@@ -123,3 +125,29 @@ def test_new_items_take_the_lists_last_places_by_the_models_score(text_only_bund
     few = recommender.recommend(history, 3, shaping=Shaping(new_item_share=0.1))
     assert few.item_ids == recommender.recommend(history, 3,
                                                  shaping=Shaping(new_item_share=0)).item_ids
+
+
+def test_a_model_with_item_text_places_new_items_through_its_own_text_path(tiny_dataset):
+    from trainer.semantics.text_only import TextPath, text_only_vectors
+
+    topic = np.array([int(c.removeprefix("topic-")) if c else 0
+                      for c in tiny_dataset.categories])
+    titles = np.array([""] + [f"{WORDS[t]} {i}" for i, t in enumerate(topic[1:], 1)],
+                      dtype=object)
+    new = TextOnlyItems(np.array([f"new-{t}" for t in range(10)], dtype=object),
+                        np.array([f"{w} special" for w in WORDS], dtype=object),
+                        np.full(10, "", dtype=object), np.full(10, np.nan))
+    dataset = dataclasses.replace(tiny_dataset, titles=titles, text_only=new)
+    model = train(dataset, TrainConfig(max_epochs=10, eval_every=10, dim=16, seed=0),
+                  progress=False).model.eval()
+    with torch.no_grad():
+        vectors = model.item_vectors().numpy()
+        path = TextPath(model.text_projection.weight.numpy(),
+                        model.item_embedding.weight[1:].numpy())
+    placed = text_only_vectors(dataset, vectors, 0.95, path)
+    ridge = text_only_vectors(dataset, vectors, 0.95)
+    assert placed.shape == ridge.shape == (10, 16) and not np.allclose(placed, ridge)
+    centroids = np.stack([vectors[topic[1:] == t].mean(axis=0) for t in range(10)])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    assert (np.argmax(placed @ centroids.T, axis=1) == np.arange(10)).mean() >= 0.8
+    assert np.allclose(np.linalg.norm(placed, axis=1), np.linalg.norm(placed[0]))
