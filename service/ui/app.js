@@ -275,6 +275,8 @@ function itemButton(item, rank, click) {
   },
   el("span", { class: "rank", text: `${rank + 1}.` }),
   el("span", { class: "title", text: item.title || "(untitled)" }),
+  // An item nobody has chosen yet (placed by its text; NEW_ITEM_SHARE).
+  ...(item.new ? [el("span", { class: "fresh", text: "new", title: "no events yet" })] : []),
   el("span", { class: "meta", text: `${item.item_id} \u00b7 ${item.score.toFixed(3)}` }));
 }
 

@@ -54,7 +54,7 @@ def test_recommend_bodies_are_exactly_their_schema_model(client_for, overrides):
         assert list(body) == list(RecommendResponse.model_fields)
         assert model.model_dump(mode="json") == body
         for item in body["items"]:
-            assert list(item) == ["item_id", "score", "interest", "title"]
+            assert list(item) == ["item_id", "score", "interest", "title", "new"]
         for summary in body["interests"]:
             assert list(summary) == ["interest", "items", "weight", "name", "confidence",
                                      "merged_into", "dropped"]
