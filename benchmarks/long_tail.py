@@ -304,6 +304,11 @@ def summarise(runs: dict, seeds: list[int], args: argparse.Namespace, started: f
                                                           fold_of("test"), METRICS)
              for other in ("old", "new_no_new_items", rule_name("ridge", 0.0), "content_only")
              if other != rule}
+    # The catalogue without new-item places (NEW_ITEM_SHARE 0), and without new items at all,
+    # against the old default: where the overall difference comes from.
+    for name in (rule_name("projected", 0.0), "new_no_new_items"):
+        pairs[f"{name} vs old"] = fold_benchmark.compare(test[name], test["old"],
+                                                         fold_of("test"), METRICS)
     seconds = {name: np.array([runs[s, f]["_info"]["seconds"][name] for s in seeds
                                for f in range(folds)]) for name in TRAININGS}
     ratio = seconds["new"] / seconds["old"]

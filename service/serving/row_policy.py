@@ -23,4 +23,4 @@ class RowPolicy:
 # The list's share of places for new items (no event yet, placed by their text): see
 # Shaping.new_item_share; chosen on validation users (docs/results.md, "The whole catalogue
 # (issue 34)").
-NEW_ITEM_SHARE = 0.04
+NEW_ITEM_SHARE = 0.1
