@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from service.bundle.format import SEMANTIC_DIM
+from trainer.encoders.base import cpu_has_bf16
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,19 @@ class SentenceEncoder:
         self.model = AutoModel.from_pretrained(str(path)).eval()
 
     def encode(self, texts: list[str], batch_size: int = 128) -> np.ndarray:
-        """[len(texts), 384] vectors in the order of `texts`. The texts are encoded in order
-        of length, so that a batch pads to its own longest text, not to the longest of a
-        random sample (half the time on titles; the same vectors)."""
+        """[len(texts), 384] float32 vectors in the order of `texts`. The texts are encoded
+        in order of length, so that a batch pads to its own longest text, not to the longest
+        of a random sample (half the time on titles; the same vectors)."""
         if not texts:
             return np.zeros((0, SEMANTIC_DIM), np.float32)
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True,
                                                       max_length=128)["input_ids"]]
         order = np.argsort(lengths, kind="stable")
         out = np.empty((len(texts), SEMANTIC_DIM), np.float32)
-        with torch.inference_mode():
+        # bfloat16 matmuls where the CPU has them (AMX / AVX512-BF16): 1.7x faster on the
+        # embedded titles, vectors within cosine 0.99997 of float32's.
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                    enabled=cpu_has_bf16()):
             for lo in range(0, len(texts), batch_size):
                 rows = order[lo : lo + batch_size]
                 batch = self.tokenizer([texts[i] for i in rows], padding=True,
@@ -61,5 +65,5 @@ class SentenceEncoder:
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out[rows] = F.normalize(pooled, dim=-1).numpy()
+                out[rows] = F.normalize(pooled.float(), dim=-1).numpy()
         return out

@@ -146,7 +146,8 @@ def test_minilm_encodes_in_length_order_and_answers_in_the_callers_order(sentenc
              "Toy Story (1995). Adventure, Animation, Children, Comedy, Fantasy"]
     together = sentence_encoder.encode(texts, batch_size=2)
     alone = np.concatenate([sentence_encoder.encode([t]) for t in texts])
-    np.testing.assert_allclose(together, alone, atol=1e-5)
-    np.testing.assert_allclose(together[1], together[3], atol=1e-5)
-    assert not np.allclose(together[0], together[1])
+    cosine = together @ alone.T  # bfloat16 on CPUs that have it: equal up to rounding
+    assert (np.diag(cosine) > 0.9999).all()
+    assert cosine[0, 0] > cosine[0, 1:].max() + 0.01  # row 0 is the first text's, not another's
+    assert cosine[1, 3] > 0.9999 and cosine[0, 1] < 0.9
     assert sentence_encoder.encode([]).shape == (0, SEMANTIC_DIM)
