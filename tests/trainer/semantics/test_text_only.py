@@ -35,13 +35,9 @@ def test_ridge_map_recovers_a_linear_relation():
     assert strength <= 1.0  # noise-free data wants little shrinkage
 
 
-@pytest.fixture(scope="module")
-def text_only_bundle(tiny_dataset, tmp_path_factory):
-    """A tiny model without item text (trained long enough for its item vectors to follow the
-    topics; new items placed by the ridge map) published with topic texts and one text-only
-    item per topic."""
-    cfg = TrainConfig(max_epochs=10, eval_every=10, dim=16, seed=0, item_text=False)
-    result = train(tiny_dataset, cfg, progress=False)
+def with_topic_texts(tiny_dataset):
+    """(the tiny dataset with a topic word in every title and one text-only item per topic,
+    each item's planted topic)."""
     topic = np.array([int(c.removeprefix("topic-")) if c else 0
                       for c in tiny_dataset.categories])
     titles = np.array([""] + [f"{WORDS[t]} {i}" for i, t in enumerate(topic[1:], 1)],
@@ -49,7 +45,17 @@ def text_only_bundle(tiny_dataset, tmp_path_factory):
     new = TextOnlyItems(np.array([f"new-{t}" for t in range(10)], dtype=object),
                         np.array([f"{w} special" for w in WORDS], dtype=object),
                         np.full(10, "", dtype=object), np.full(10, np.nan))
-    dataset = dataclasses.replace(tiny_dataset, titles=titles, text_only=new)
+    return dataclasses.replace(tiny_dataset, titles=titles, text_only=new), topic
+
+
+@pytest.fixture(scope="module")
+def text_only_bundle(tiny_dataset, tmp_path_factory):
+    """A tiny model without item text (trained long enough for its item vectors to follow the
+    topics; new items placed by the ridge map) published with topic texts and one text-only
+    item per topic."""
+    cfg = TrainConfig(max_epochs=10, eval_every=10, dim=16, seed=0, item_text=False)
+    result = train(tiny_dataset, cfg, progress=False)
+    dataset, topic = with_topic_texts(tiny_dataset)
     models = tmp_path_factory.mktemp("models")
     path = publish_bundle(result.model, dataset, dataclasses.replace(cfg, text_only_items=True),
                           {"synthetic": {}}, {}, models, "tiny", progress=False)
@@ -130,14 +136,7 @@ def test_new_items_take_the_lists_last_places_by_the_models_score(text_only_bund
 def test_a_model_with_item_text_places_new_items_through_its_own_text_path(tiny_dataset):
     from trainer.semantics.text_only import TextPath, text_only_vectors
 
-    topic = np.array([int(c.removeprefix("topic-")) if c else 0
-                      for c in tiny_dataset.categories])
-    titles = np.array([""] + [f"{WORDS[t]} {i}" for i, t in enumerate(topic[1:], 1)],
-                      dtype=object)
-    new = TextOnlyItems(np.array([f"new-{t}" for t in range(10)], dtype=object),
-                        np.array([f"{w} special" for w in WORDS], dtype=object),
-                        np.full(10, "", dtype=object), np.full(10, np.nan))
-    dataset = dataclasses.replace(tiny_dataset, titles=titles, text_only=new)
+    dataset, topic = with_topic_texts(tiny_dataset)
     model = train(dataset, TrainConfig(max_epochs=10, eval_every=10, dim=16, seed=0),
                   progress=False).model.eval()
     with torch.no_grad():
