@@ -331,7 +331,8 @@ class Recommender:
         else:
             weights, merged_into = adapt_interests(interests, support, cosine)
             ids, best, which = merge_by_share(scores, rows, query.k, weights, query.excluded)
-        ids, best, which = self._with_new_items(query, interests, ids, best, which)
+        ids, best, which = self._with_new_items(query, interests, ids, best, which,
+                                                merged_into)
         names = (self.namer.name(interests, shaping.min_name_confidence)
                  if self.namer is not None else [(None, None)] * self.num_interests)
         details = []
@@ -350,11 +351,13 @@ class Recommender:
             interest_details=details, rows=shown, new=self.bundle.is_new[ids].tolist())
 
     def _with_new_items(self, query: Query, interests: np.ndarray, ids: np.ndarray,
-                        best: np.ndarray, which: np.ndarray
+                        best: np.ndarray, which: np.ndarray, merged_into: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The list with its last round(k x new_item_share) places given to the best-scoring
         new items (the model's score; filters and exclusions apply), unless it holds that many
-        already: an item nobody has chosen yet earns its first events only by being shown."""
+        already: an item nobody has chosen yet earns its first events only by being shown.
+        An added item is credited like the list's (`merged_into`: the interest each is
+        reported as; -1, dropped, keeps its own)."""
         new_rows = self.bundle.text_only_rows
         slots = round(query.k * query.shaping.new_item_share)
         is_new = self.bundle.is_new[ids]
@@ -367,6 +370,7 @@ class Recommender:
             return ids, best, which
         scores, rows = self.search_rows(interests, min(missing, len(pool)), pool)
         new_ids, new_best, new_which = merge_interest_results(scores, rows, missing)
+        new_which = np.where(merged_into[new_which] >= 0, merged_into[new_which], new_which)
         # Make room at the end of the list, never by dropping a new item already there.
         drop = max(0, len(ids) + len(new_ids) - query.k)
         keep = np.ones(len(ids), dtype=bool)
