@@ -11,7 +11,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from email.message import Message as MimeHeader
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -312,6 +312,18 @@ def freeze_heap(collect: bool) -> None:
     gc.freeze()
 
 
+SHUTDOWN_STEP_SECONDS = 5.0
+
+
+async def bounded_shutdown(what: str, step: Awaitable[Any]) -> None:
+    """Await one shutdown step for at most SHUTDOWN_STEP_SECONDS; log and go on after that."""
+    try:
+        await asyncio.wait_for(step, SHUTDOWN_STEP_SECONDS)
+    except TimeoutError:
+        log.warning("shutdown step did not finish; going on",
+                    extra={"step": what, "seconds": SHUTDOWN_STEP_SECONDS})
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level)
@@ -375,13 +387,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # Each step bounded: a stop must not hang on a poller or a store connection.
             for task in (watcher, availability):
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await bounded_shutdown("pollers", asyncio.wait({watcher, availability}))
             if state.batcher is not None:
-                await state.batcher.close()
-            await state.store.close()
+                await bounded_shutdown("batcher", state.batcher.close())
+            await bounded_shutdown("history store", state.store.close())
             mark_worker_dead()  # multiprocess metrics: this worker's live gauges go
 
     # /docs and /redoc with their assets served from the package, so they work offline.

@@ -365,3 +365,30 @@ def test_the_schema_states_the_limits_from_the_settings(client_for):
     too_many = client.post("/recommend", json={"user_id": "u", "k": 51})
     assert too_many.status_code == 422
     assert too_many.json()["detail"][0]["loc"] == ["body", "k"]
+
+
+def test_a_stop_does_not_hang_on_a_store_that_never_closes(models_dir, monkeypatch):
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    import service.app as app_module
+
+    monkeypatch.setattr(app_module, "SHUTDOWN_STEP_SECONDS", 0.5)
+    app = create_app(make_settings(models_dir))
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    captured = Captured()
+    logging.getLogger("service").addHandler(captured)
+    try:
+        with TestClient(app) as client:
+            assert client.get("/healthz").status_code == 200
+            monkeypatch.setattr(app.state.recsys.store, "close", never)
+            started = time.perf_counter()
+        assert time.perf_counter() - started < 5
+    finally:
+        logging.getLogger("service").removeHandler(captured)
+    assert [line["step"] for line in captured.lines
+            if line["msg"] == "shutdown step did not finish; going on"] == ["history store"]
