@@ -139,11 +139,8 @@ def run_fold(fold: int, folds: int, seed: int, threads: int) -> dict:
             info["text_only_items"] = len(new_ids)
             cold_text = sentence_features(text_only_sentences(data.text_only))
             warm_text = item_text_features(data)[1:]
-            with torch.no_grad():
-                text_path = TextPath(model.text_projection.weight.numpy(),
-                                     model.item_embedding.weight[1:].numpy())
             placed = {"ridge": text_only_vectors(data, warm, LENGTH),
-                      "projected": text_only_vectors(data, warm, LENGTH, text_path)}
+                      "projected": text_only_vectors(data, warm, LENGTH, TextPath.of(model))}
             searches["new_no_new_items"] = (trained_ids, None)
         row_of = {item: row for row, item in enumerate(trained_ids)}
         search = exact_search(warm)

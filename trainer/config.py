@@ -108,8 +108,9 @@ class TrainConfig:
               "text")
     text_only_items: bool = setting(
         True, "export: items of the items file without any interaction get a vector "
-              "from their text (a ridge map from MiniLM features to the trained item vectors) "
-              "and are served; marked in items.json")
+              "from their text (through the model's text projection with --item-text, else a "
+              "ridge map from MiniLM features to the trained item vectors) and are served; "
+              "marked in items.json")
     # docs/results.md, "New items from day one": 0.95 chosen on validation users.
     text_only_length: float = setting(
         0.95, "with --text-only-items: a placed item's vector length, in units of the median "

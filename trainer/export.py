@@ -325,11 +325,7 @@ def publish_bundle(
     ships the interest vocabulary and projection so the service can name interests."""
     text_only = (dataset.text_only if cfg.text_only_items and dataset.text_only is not None
                  and len(dataset.text_only) else None)
-    text_path = None  # the model's own text path, which places new items (--item-text)
-    if model.text_projection is not None:
-        with torch.no_grad():
-            text_path = TextPath(model.text_projection.weight.numpy().copy(),
-                                 model.item_embedding.weight[1:].numpy().copy())
+    text_path = TextPath.of(model)  # places new items (--item-text); folding drops it
     if model.text_projection is not None or text_only is not None:
         model = copy.deepcopy(model)  # the caller's model stays as trained
         model.fold_item_text()  # the served encoder keeps one plain item table

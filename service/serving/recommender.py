@@ -360,9 +360,11 @@ class Recommender:
         reported as; -1, dropped, keeps its own)."""
         new_rows = self.bundle.text_only_rows
         slots = round(query.k * query.shaping.new_item_share)
+        if slots == 0 or not len(new_rows):  # most bundles: nothing to look at per request
+            return ids, best, which
         is_new = self.bundle.is_new[ids]
         missing = slots - int(is_new.sum())
-        if missing <= 0 or not len(new_rows):
+        if missing <= 0:
             return ids, best, which
         pool = new_rows if query.allowed is None else np.intersect1d(new_rows, query.allowed)
         pool = pool[~np.isin(pool, query.excluded) & ~np.isin(pool, ids)]

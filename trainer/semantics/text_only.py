@@ -17,8 +17,10 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from trainer.data.dataset import SequenceDataset, TextOnlyItems
+from trainer.encoders.base import MultiInterestEncoder
 from trainer.semantics.item_text import item_sentence, item_text_features, sentence_features
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,15 @@ class TextPath:
 
     projection: np.ndarray
     id_embeddings: np.ndarray
+
+    @classmethod
+    def of(cls, model: MultiInterestEncoder) -> TextPath | None:
+        """A copy of a model's text path; None for a model trained without item text."""
+        if model.text_projection is None:
+            return None
+        with torch.no_grad():
+            return cls(model.text_projection.weight.numpy().copy(),
+                       model.item_embedding.weight[1:].numpy().copy())
 
 
 def fit_text_map(features: np.ndarray, vectors: np.ndarray, seed: int = 0

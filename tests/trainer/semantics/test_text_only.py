@@ -141,8 +141,8 @@ def test_a_model_with_item_text_places_new_items_through_its_own_text_path(tiny_
                   progress=False).model.eval()
     with torch.no_grad():
         vectors = model.item_vectors().numpy()
-        path = TextPath(model.text_projection.weight.numpy(),
-                        model.item_embedding.weight[1:].numpy())
+        path = TextPath.of(model)
+    assert path is not None
     placed = text_only_vectors(dataset, vectors, 0.95, path)
     ridge = text_only_vectors(dataset, vectors, 0.95)
     assert placed.shape == ridge.shape == (10, 16) and not np.allclose(placed, ridge)
